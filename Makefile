@@ -1,0 +1,30 @@
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test data clean bench
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+data: $(STAMP)
+	test -f dataset/roadside_synth/annotations/instances_train.json || \
+	  $(VPY) tools/make_synthetic_roadside.py --out dataset/roadside_synth --num-train 48 --num-val 16 --seed 0
+
+demo: data
+	$(VPY) train.py -c configs/demo_cpu.yaml --output-dir output/demo
+
+test: $(STAMP)
+	$(VPY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(VPY) bench/cass_loss_bench.py
+
+clean:
+	rm -rf output

@@ -1,0 +1,241 @@
+"""YAMLConfig: load, validate and build everything a training run needs from one YAML file.
+
+Validation happens at load time, before anything is built: every top-level key must be a known
+setting or the section of a registered component; every component section and every nested
+``{type: Name, ...}`` mapping must only use the constructor's keyword names; ``dset:`` is checked
+against its schema. Errors name the file that set the key, the key, and the valid keys.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+from typing import Any, Dict, Iterable
+
+from src.core import registry
+from src.core.yaml_utils import ConfigError, Origins, deep_merge, load_yaml_config, parse_overrides
+
+# Modules whose import registers components. Imported lazily so `src.core` stays light.
+COMPONENT_MODULES = (
+    "src.nn.backbone.presnet",
+    "src.zoo.rtdetr.hybrid_encoder",
+    "src.zoo.rtdetr.rtdetrv2_decoder",
+    "src.zoo.rtdetr.rtdetr",
+    "src.zoo.rtdetr.matcher",
+    "src.zoo.rtdetr.rtdetrv2_criterion",
+    "src.zoo.rtdetr.rtdetr_postprocessor",
+    "src.data.coco_dataset",
+    "src.data.transforms",
+    "src.data.collate",
+)
+
+# Top-level settings that are not component sections: name -> one-line meaning (shown in errors/docs).
+GLOBAL_KEYS: Dict[str, str] = {
+    "task": "always 'detection'",
+    "model": "name of the registered model component (e.g. RTDETR)",
+    "criterion": "name of the registered criterion component",
+    "postprocessor": "name of the registered postprocessor component",
+    "num_classes": "number of object classes (shared with components that declare it)",
+    "eval_spatial_size": "[h, w] evaluation input size (anchors are precomputed for it)",
+    "use_focal_loss": "sigmoid/focal classification (shared)",
+    "train_dataloader": "training data loader (see DATALOADER_KEYS)",
+    "val_dataloader": "validation data loader",
+    "optimizer": "optimizer with regex parameter groups",
+    "lr_scheduler": "learning-rate schedule after warmup",
+    "lr_warmup_scheduler": "linear warmup per iteration",
+    "epochs": "number of training epochs",
+    "clip_max_norm": "gradient clipping max norm (<= 0 disables)",
+    "use_ema": "keep an EMA of the weights and evaluate it",
+    "ema": "EMA settings {decay, warmups}",
+    "use_amp": "mixed precision on CUDA",
+    "sync_bn": "convert BatchNorm to SyncBatchNorm under DDP",
+    "find_unused_parameters": "DDP find_unused_parameters",
+    "output_dir": "where logs, checkpoints and eval json go",
+    "checkpoint_freq": "also keep checkpoint_XXXX.pth every N epochs (0 = only last/best)",
+    "print_freq": "console / TensorBoard scalar interval in iterations",
+    "eval_freq": "evaluate every N epochs (the last epoch is always evaluated)",
+    "seed": "random seed",
+    "deterministic": "torch deterministic algorithms (bit-exact CPU resume)",
+    "skip_nonfinite_steps": "skip up to N steps whose loss is NaN/inf before stopping",
+    "max_iters_per_epoch": "cap iterations per epoch (demo/smoke runs); null = full epoch",
+    "dset": "DSET settings (pruner, MoE, CASS); see docs/dset.md",
+    "tuning": "weights file to tune from (same as -t)",
+}
+
+DATALOADER_KEYS = {
+    "type": "DataLoader",
+    "dataset": "{type: CocoDetection, ...}",
+    "total_batch_size": "batch size summed over all processes",
+    "shuffle": "shuffle every epoch",
+    "num_workers": "loader worker processes",
+    "drop_last": "drop the last incomplete batch",
+    "collate_fn": "{type: BatchImageCollateFunction, ...}",
+    "pin_memory": "pin host memory",
+}
+
+# Sections validated by their own builders (src/optim) at build time, before training starts.
+BUILDER_SECTIONS = ("optimizer", "lr_scheduler", "lr_warmup_scheduler", "ema")
+
+
+def import_components(modules: Iterable[str] = COMPONENT_MODULES):
+    for m in modules:
+        importlib.import_module(m)
+
+
+class YAMLConfig:
+    """The merged, validated config of one run.
+
+    >>> cfg = YAMLConfig('configs/rtdetrv2_r18vd_coco.yaml', overrides=['epochs=3'])
+    >>> model = cfg.model
+    """
+
+    def __init__(self, path: str, overrides: list[str] | dict | None = None, **kwargs):
+        import_components()
+        self.path = path
+        cfg, origins = load_yaml_config(path)
+        if overrides:
+            ov = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+            deep_merge(cfg, ov, origins, "command line (-u)")
+        if kwargs:
+            deep_merge(cfg, kwargs, origins, "YAMLConfig(...) arguments")
+        self.yaml_cfg: dict = cfg
+        self.origins: Origins = origins
+        self.validate()
+        self._model = None
+
+    # ------------------------------------------------------------------ validation
+    def where(self, path: tuple) -> str:
+        """'file: a.b.c' for a key path (the file that set it, or its closest parent)."""
+        for n in range(len(path), 0, -1):
+            if path[:n] in self.origins:
+                return f"{self.origins[path[:n]]}: {'.'.join(map(str, path))}"
+        return f"{self.path}: {'.'.join(map(str, path))}"
+
+    def validate(self):
+        from src.zoo.rtdetr.dset_config import validate_dset
+
+        cfg = self.yaml_cfg
+        components = set(registry.registered_names())
+        for key, value in cfg.items():
+            if key in GLOBAL_KEYS:
+                continue
+            if key in components:
+                self._check_component_section(key, value, (key,))
+                continue
+            raise ConfigError(f"{self.where((key,))}: unknown top-level key {key!r}. Valid settings: "
+                              f"{', '.join(sorted(GLOBAL_KEYS))}; or a component section: "
+                              f"{', '.join(sorted(components))}")
+        for name_key in ("model", "criterion", "postprocessor"):
+            name = cfg.get(name_key)
+            if name is not None and name not in components:
+                raise ConfigError(f"{self.where((name_key,))}: {name!r} is not a registered component; "
+                                  f"registered: {', '.join(sorted(components))}")
+        for dl in ("train_dataloader", "val_dataloader"):
+            if dl in cfg:
+                self._check_dataloader(cfg[dl], (dl,))
+        try:
+            self.dset = validate_dset(cfg.get("dset"), where=self.where(("dset",)))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def _check_component_section(self, name: str, section: Any, path: tuple):
+        if section is None:
+            return
+        if not isinstance(section, dict):
+            raise ConfigError(f"{self.where(path)}: the section of component {name} must be a mapping")
+        params = registry.constructor_params(registry.get(name))
+        for k, v in section.items():
+            if k == "type":
+                continue
+            if k not in params:
+                raise ConfigError(f"{self.where(path + (k,))}: unknown key {k!r} for {name}; valid keys: "
+                                  f"{', '.join(sorted(params))}")
+            self._check_nested(v, path + (k,))
+
+    def _check_nested(self, value: Any, path: tuple):
+        """Recurse into lists and mappings; any mapping with a registered ``type`` is checked too."""
+        if isinstance(value, dict):
+            t = value.get("type")
+            if isinstance(t, str) and t in registry.registered_names():
+                self._check_component_section(t, value, path)
+                return
+            for k, v in value.items():
+                self._check_nested(v, path + (k,))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                self._check_nested(v, path + (i,))
+
+    def _check_dataloader(self, section: Any, path: tuple):
+        if not isinstance(section, dict):
+            raise ConfigError(f"{self.where(path)}: must be a mapping with keys {', '.join(DATALOADER_KEYS)}")
+        for k, v in section.items():
+            if k not in DATALOADER_KEYS:
+                raise ConfigError(f"{self.where(path + (k,))}: unknown key {k!r}; valid keys: "
+                                  f"{', '.join(DATALOADER_KEYS)}")
+        for k in ("dataset", "collate_fn"):
+            spec = section.get(k)
+            if spec is None:
+                continue
+            t = spec.get("type") if isinstance(spec, dict) else None
+            if t not in registry.registered_names():
+                raise ConfigError(f"{self.where(path + (k,))}: needs a 'type' naming a registered component, "
+                                  f"got {t!r}; registered: {', '.join(registry.registered_names())}")
+            self._check_component_section(t, spec, path + (k,))
+
+    # ------------------------------------------------------------------ building
+    def create(self, name: str, **extra):
+        """Build the registered component ``name`` from its top-level section.
+
+        ``__inject__`` arguments given as a component name (or a ``{type: ...}`` mapping) are built
+        recursively; ``__share__`` arguments come from the top-level keys of the same name.
+        """
+        cls = registry.get(name)
+        section = copy.deepcopy(self.yaml_cfg.get(name) or {})
+        section.pop("type", None)
+        return self._instantiate(cls, section, (name,), extra)
+
+    def build_spec(self, spec: dict, path: tuple, **extra):
+        spec = copy.deepcopy(spec)
+        cls = registry.get(spec.pop("type"))
+        return self._instantiate(cls, spec, path, extra)
+
+    def _instantiate(self, cls, kwargs: dict, path: tuple, extra: dict):
+        params = registry.constructor_params(cls)
+        for dep in getattr(cls, "__inject__", []):
+            value = kwargs.get(dep)
+            if isinstance(value, str):
+                kwargs[dep] = self.create(value)
+            elif isinstance(value, dict) and "type" in value:
+                kwargs[dep] = self.build_spec(value, path + (dep,))
+        for shared in getattr(cls, "__share__", []):
+            if shared not in kwargs and shared in self.yaml_cfg and shared in params:
+                kwargs[shared] = copy.deepcopy(self.yaml_cfg[shared])
+        if "dset" in params and "dset" not in kwargs:
+            kwargs["dset"] = self.dset
+        kwargs.update(extra)
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{self.where(path)}: building {cls.__name__} failed: {e}") from e
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = self.create(self.yaml_cfg["model"])
+        return self._model
+
+    @property
+    def criterion(self):
+        return self.create(self.yaml_cfg["criterion"])
+
+    @property
+    def postprocessor(self):
+        return self.create(self.yaml_cfg["postprocessor"])
+
+    def get(self, key: str, default=None):
+        return self.yaml_cfg.get(key, default)
+
+    def __getitem__(self, key):
+        return self.yaml_cfg[key]
+
+    def __contains__(self, key):
+        return key in self.yaml_cfg

@@ -1,0 +1,68 @@
+"""Component registry: classes and functions registered by name and built from config sections.
+
+A registered class declares which constructor arguments are sub-components with ``__inject__``
+(a list of argument names; the config gives either the name of a registered component, whose
+top-level section supplies its arguments, or a dict with a ``type`` key plus arguments) and
+which are taken from top-level config keys with ``__share__`` (e.g. ``num_classes``).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Dict
+
+_REGISTRY: Dict[str, Any] = {}
+
+
+def register(name: str | None = None, force: bool = False) -> Callable:
+    """Decorator: ``@register()`` registers under the object's ``__name__``."""
+
+    def deco(obj):
+        key = name or obj.__name__
+        if key in _REGISTRY and not force and _REGISTRY[key] is not obj:
+            raise ValueError(f"component name {key!r} registered twice "
+                             f"({_REGISTRY[key]!r} and {obj!r}); pass a distinct name=")
+        _REGISTRY[key] = obj
+        return obj
+
+    return deco
+
+
+def get(name: str):
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown component {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def registered_names():
+    return sorted(_REGISTRY)
+
+
+def constructor_params(obj) -> Dict[str, inspect.Parameter]:
+    """Keyword parameters accepted by a registered class or function (self and *args excluded)."""
+    fn = obj.__init__ if inspect.isclass(obj) else obj
+    params = dict(inspect.signature(fn).parameters)
+    params.pop("self", None)
+    return {k: p for k, p in params.items()
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+
+
+def build(spec: dict, where: str = "config", **extra):
+    """Build a registered component from ``{'type': Name, **kwargs}``.
+
+    Unknown keyword names are an error that names ``where`` (file / key path), the bad key
+    and the valid keys. ``extra`` are keyword arguments supplied by the caller (not from YAML).
+    """
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ValueError(f"{where}: expected a mapping with a 'type' key naming a registered "
+                         f"component, got {spec!r}")
+    kwargs = {k: v for k, v in spec.items() if k != "type"}
+    obj = get(spec["type"])
+    params = constructor_params(obj)
+    has_var_kw = any(p.kind == inspect.Parameter.VAR_KEYWORD
+                     for p in inspect.signature(obj.__init__ if inspect.isclass(obj) else obj).parameters.values())
+    unknown = [k for k in kwargs if k not in params]
+    if unknown and not has_var_kw:
+        raise KeyError(f"{where}: unknown key(s) {unknown} for {spec['type']}; "
+                       f"valid keys: {', '.join(sorted(params))}")
+    kwargs.update(extra)
+    return obj(**kwargs)
