@@ -1,0 +1,192 @@
+"""Checkpoint IO: atomic saving, safe loading, and shape-matched weight transfer for tuning.
+
+* ``save_checkpoint`` writes to a temporary file in the target directory, fsyncs it and renames
+  it over the target with ``os.replace`` (atomic on POSIX), so a crash mid-write leaves the
+  previous checkpoint intact.
+* ``load_checkpoint`` uses ``torch.load(weights_only=True)``: only tensors and plain
+  containers/numbers/strings are accepted, so a file cannot run code. ``trusted=True`` is an
+  explicit opt-in for legacy fully-pickled files and CAN EXECUTE ARBITRARY CODE from the file.
+* ``extract_state_dict`` finds the weights in the official checkpoint layouts.
+* ``load_matching_weights`` implements tuning (``-t``): load every tensor whose key and shape
+  match, leave the rest at initialisation, report everything.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from src.misc.dist import is_main_process
+
+__all__ = ["save_checkpoint", "load_checkpoint", "extract_state_dict", "load_matching_weights",
+           "LoadReport", "StateDictAdapter"]
+
+# (checkpoint_state_dict, model_state_dict) -> (new_checkpoint_state_dict, messages)
+StateDictAdapter = Callable[[Dict[str, torch.Tensor], Dict[str, torch.Tensor]],
+                            Tuple[Dict[str, torch.Tensor], List[str]]]
+
+
+def save_checkpoint(obj, path: str | os.PathLike) -> None:
+    """Atomically ``torch.save`` ``obj`` to ``path`` (parent directories are created)."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # persist the rename itself (best effort; not supported on every filesystem)
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path: str | os.PathLike, trusted: bool = False, map_location="cpu"):
+    """Load a checkpoint saved with ``torch.save``.
+
+    Args:
+        path: checkpoint file.
+        trusted: False (default) loads with ``weights_only=True`` (tensors and plain Python
+            containers only; safe). True loads with full unpickling, which CAN RUN ARBITRARY
+            CODE embedded in the file: use only for files you produced or fully trust.
+        map_location: passed to ``torch.load`` (default 'cpu').
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if trusted:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise pickle.UnpicklingError(
+            f"{path}: refused by the safe loader (weights_only=True): it contains pickled Python "
+            f"objects other than tensors and plain containers. If you trust this file, load it "
+            f"with load_checkpoint(path, trusted=True) (full unpickling, can execute code from "
+            f"the file). Original error: {str(e).splitlines()[0]}") from e
+
+
+def extract_state_dict(ckpt) -> Dict[str, torch.Tensor]:
+    """Model weights from a loaded checkpoint, with any DDP ``module.`` prefix stripped.
+
+    Accepted layouts, in order of preference: ``{'ema': {'module': sd, ...}}`` (EMA weights,
+    what the official RT-DETR releases evaluate with), ``{'model': sd}``, ``{'state_dict': sd}``,
+    or a bare state dict (all values tensors).
+    """
+    if not isinstance(ckpt, dict):
+        raise TypeError(f"extract_state_dict: expected a dict, got {type(ckpt).__name__}")
+    ema = ckpt.get("ema")
+    if isinstance(ema, dict) and isinstance(ema.get("module"), dict):
+        sd = ema["module"]
+    elif isinstance(ckpt.get("model"), dict):
+        sd = ckpt["model"]
+    elif isinstance(ckpt.get("state_dict"), dict):
+        sd = ckpt["state_dict"]
+    elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        sd = ckpt
+    else:
+        raise KeyError(f"extract_state_dict: no weights found; expected 'ema': {{'module': ...}}, "
+                       f"'model', 'state_dict' or a bare state dict, got top-level keys "
+                       f"{sorted(map(str, ckpt))[:20]}")
+    prefix = "module."
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
+
+
+@dataclass
+class LoadReport:
+    """Outcome of ``load_matching_weights``.
+
+    loaded: keys copied from the checkpoint.
+    missing: model keys absent from the checkpoint (left at initialisation).
+    unexpected: checkpoint keys absent from the model (ignored).
+    mismatched: (key, checkpoint shape, model shape) for keys in both with different shapes
+        (left at initialisation, i.e. re-initialised).
+    messages: notes from the adapters.
+    """
+    loaded: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    mismatched: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)
+    messages: List[str] = field(default_factory=list)
+
+    @property
+    def num_loaded(self) -> int:
+        return len(self.loaded)
+
+    @property
+    def is_exact(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __str__(self) -> str:
+        total = self.num_loaded + len(self.missing) + len(self.mismatched)
+        lines = [f"loaded {self.num_loaded}/{total} model tensors from the checkpoint"]
+        lines += [f"  adapter: {m}" for m in self.messages]
+        if self.mismatched:
+            lines.append(f"  {len(self.mismatched)} shape-mismatched, RE-INITIALISED (left at init):")
+            lines += [f"    {k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in self.mismatched]
+            if any(("score_head" in k or "class_embed" in k) for k, _, _ in self.mismatched):
+                lines.append("    (class-dependent layers differ: num_classes differs from the checkpoint)")
+        if self.missing:
+            lines.append(f"  {len(self.missing)} missing from the checkpoint (left at init): {self.missing}")
+        if self.unexpected:
+            lines.append(f"  {len(self.unexpected)} unexpected in the checkpoint (ignored): {self.unexpected}")
+        return "\n".join(lines)
+
+
+def load_matching_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor],
+                          adapters: Sequence[StateDictAdapter] = (), strict: bool = False,
+                          verbose: bool = False) -> LoadReport:
+    """Copy every checkpoint tensor whose key and shape match into ``model``.
+
+    Args:
+        model: target (unwrap DDP first, or pass ``model.module``).
+        state_dict: checkpoint weights (see ``extract_state_dict``).
+        adapters: callables ``(state_dict, model_state_dict) -> (new_state_dict, messages)``
+            applied in order before matching (e.g. expanding dense FFN weights into experts).
+        strict: raise RuntimeError listing every missing / unexpected / mismatched key instead
+            of loading partially (the model is not modified then).
+        verbose: also print the report on the main process (default False: the caller prints
+            ``str(report)`` with its own context).
+
+    Returns:
+        A ``LoadReport``. Keys not loaded keep their current (initial) values.
+    """
+    model_sd = model.state_dict()
+    messages: List[str] = []
+    for adapter in adapters:
+        state_dict, msgs = adapter(state_dict, model_sd)
+        messages += list(msgs)
+    report = LoadReport(messages=messages)
+    to_load = {}
+    for k, v in state_dict.items():
+        if k not in model_sd:
+            report.unexpected.append(k)
+        elif tuple(v.shape) != tuple(model_sd[k].shape):
+            report.mismatched.append((k, tuple(v.shape), tuple(model_sd[k].shape)))
+        else:
+            to_load[k] = v
+    report.missing = [k for k in model_sd if k not in state_dict]
+    report.loaded = [k for k in model_sd if k in to_load]
+    if strict and not report.is_exact:
+        raise RuntimeError("load_matching_weights(strict=True): checkpoint does not match the model\n"
+                           + str(report))
+    model.load_state_dict(to_load, strict=False)
+    if verbose and is_main_process():
+        print(report, flush=True)
+    return report

@@ -1,0 +1,262 @@
+"""COCO box evaluation (AP, AP50, AP75, AP by size, AR, per-class AP).
+
+Uses faster-coco-eval (C++ accumulate, same numbers as pycocotools) when importable, else
+pycocotools. Detections are collected per image on every rank, gathered to rank 0, evaluated
+there, and the summary is broadcast so every rank returns the same dict.
+
+Usage::
+
+    evaluator = CocoEvaluator(val_dataset.ann_file, label_to_category_id)
+    for images, targets in loader:
+        results = postprocess(model(images), orig_sizes)  # xyxy boxes in ORIGINAL pixels
+        evaluator.update({t['image_id']: r for t, r in zip(targets, results)})
+    summary = evaluator.summarize()
+    print(format_table(summary))
+
+Undefined metrics (e.g. AP_small when no small ground-truth box exists, or the AP of a
+category without ground truth; COCO reports -1) are NaN here.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import math
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from src.misc.dist import get_world_size, is_dist_available_and_initialized, is_main_process
+
+__all__ = ["CocoEvaluator", "format_table", "available_backends", "METRIC_NAMES"]
+
+METRIC_NAMES = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
+                "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large"]
+
+
+def available_backends() -> List[str]:
+    names = []
+    try:
+        import faster_coco_eval  # noqa: F401
+        names.append("faster_coco_eval")
+    except ImportError:
+        pass
+    try:
+        import pycocotools  # noqa: F401
+        names.append("pycocotools")
+    except ImportError:
+        pass
+    return names
+
+
+def _backend_classes(backend: str):
+    if backend == "faster_coco_eval":
+        from faster_coco_eval import COCO, COCOeval_faster
+        return COCO, COCOeval_faster
+    if backend == "pycocotools":
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+        return COCO, COCOeval
+    raise ValueError(f"unknown COCO backend {backend!r}; valid: 'auto', 'faster_coco_eval', 'pycocotools'")
+
+
+def _load_gt_dict(coco_gt) -> dict:
+    if isinstance(coco_gt, (str, os.PathLike)):
+        with open(coco_gt) as f:
+            return json.load(f)
+    if isinstance(coco_gt, dict):
+        return copy.deepcopy(coco_gt)
+    if hasattr(coco_gt, "dataset"):  # a COCO object of either library
+        return copy.deepcopy(coco_gt.dataset)
+    raise TypeError(f"CocoEvaluator: coco_gt must be an annotation file path, a COCO dict or a COCO "
+                    f"object, got {type(coco_gt).__name__}")
+
+
+def _mean_valid(x: np.ndarray) -> float:
+    """Mean of entries > -1 (COCO's 'undefined' marker); NaN when there are none."""
+    v = x[x > -1]
+    return float(v.mean()) if v.size else float("nan")
+
+
+def _all_gather_object(obj) -> list:
+    if not is_dist_available_and_initialized():
+        return [obj]
+    out = [None] * get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast_object(obj):
+    if not is_dist_available_and_initialized():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class CocoEvaluator:
+    """Collects detections and computes COCO box metrics.
+
+    Args:
+        coco_gt: annotation json path, COCO-format dict, or a COCO object (pycocotools or
+            faster-coco-eval).
+        label_to_category_id: contiguous model label -> COCO category id.
+        backend: 'auto' (faster_coco_eval if importable, else pycocotools),
+            'faster_coco_eval' or 'pycocotools'.
+    """
+
+    def __init__(self, coco_gt, label_to_category_id: Dict[int, int], backend: str = "auto"):
+        if backend == "auto":
+            backends = available_backends()
+            if not backends:
+                raise ImportError("CocoEvaluator needs faster-coco-eval or pycocotools: pip install faster-coco-eval")
+            backend = backends[0]
+        self.backend = backend
+        self._COCO, self._COCOeval = _backend_classes(backend)
+        gt = _load_gt_dict(coco_gt)
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.coco_gt = self._COCO(gt) if backend == "faster_coco_eval" else self._COCO()
+            if backend == "pycocotools":
+                self.coco_gt.dataset = gt
+                self.coco_gt.createIndex()
+        self.category_names = {c["id"]: c.get("name", str(c["id"])) for c in gt.get("categories", [])}
+        unknown = sorted(c for c in label_to_category_id.values() if c not in self.category_names)
+        if unknown:
+            raise KeyError(f"CocoEvaluator: label_to_category_id maps to category ids {unknown} that are not "
+                           f"in the ground truth categories {sorted(self.category_names)}")
+        self.label_to_category_id = {int(k): int(v) for k, v in label_to_category_id.items()}
+        max_label = max(self.label_to_category_id, default=-1)
+        self._lut = torch.full((max_label + 1,), -1, dtype=torch.int64)
+        for k, v in self.label_to_category_id.items():
+            self._lut[k] = v
+        self.image_ids = {img["id"] for img in gt.get("images", [])}
+        self.num_gt = {cid: 0 for cid in self.category_names}
+        for a in gt.get("annotations", []):
+            if not a.get("iscrowd", 0) and a["category_id"] in self.num_gt:
+                self.num_gt[a["category_id"]] += 1
+        self._dets: Dict[int, np.ndarray] = {}
+
+    def reset(self) -> None:
+        self._dets = {}
+
+    def update(self, results: Dict[int, dict]) -> None:
+        """Add detections.
+
+        Args:
+            results: image_id -> {'boxes': [N, 4] xyxy in original-image pixels, 'scores': [N],
+                'labels': [N] contiguous labels}. Tensors (any device) or arrays. An image given
+                twice (e.g. DistributedSampler padding) keeps the last detections.
+        """
+        for image_id, r in results.items():
+            image_id = int(image_id)
+            if image_id not in self.image_ids:
+                raise KeyError(f"CocoEvaluator.update: image_id {image_id} is not in the ground-truth images")
+            boxes = torch.as_tensor(r["boxes"]).detach().cpu().to(torch.float64).reshape(-1, 4)
+            scores = torch.as_tensor(r["scores"]).detach().cpu().to(torch.float64).reshape(-1)
+            labels = torch.as_tensor(r["labels"]).detach().cpu().to(torch.int64).reshape(-1)
+            if not (len(boxes) == len(scores) == len(labels)):
+                raise ValueError(f"CocoEvaluator.update: image {image_id}: boxes/scores/labels lengths "
+                                 f"{len(boxes)}/{len(scores)}/{len(labels)} differ")
+            in_range = (labels >= 0) & (labels < len(self._lut))
+            cats = torch.full_like(labels, -1)
+            cats[in_range] = self._lut[labels[in_range]]
+            bad = cats < 0
+            if bad.any():
+                raise KeyError(f"CocoEvaluator.update: image {image_id}: labels {sorted(set(labels[bad].tolist()))} "
+                               f"have no entry in label_to_category_id {self.label_to_category_id}")
+            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
+            rows = torch.cat([torch.full((len(boxes), 1), float(image_id), dtype=torch.float64),
+                              xywh, scores[:, None], cats[:, None].to(torch.float64)], dim=1)
+            self._dets[image_id] = rows.numpy()
+
+    def _evaluate(self, dets: np.ndarray) -> dict:
+        with contextlib.redirect_stdout(io.StringIO()):
+            if len(dets):
+                coco_dt = self.coco_gt.loadRes(dets)
+            else:  # an empty result set (loadRes cannot take one in pycocotools)
+                coco_dt = self._COCO()
+                coco_dt.dataset = {"images": list(self.coco_gt.dataset["images"]),
+                                   "categories": copy.deepcopy(self.coco_gt.dataset["categories"]),
+                                   "annotations": []}
+                coco_dt.createIndex()
+            coco_eval = self._COCOeval(self.coco_gt, coco_dt, iouType="bbox")
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+        self.last_eval = coco_eval
+        return summary_from_eval(coco_eval, self.category_names, self.num_gt)
+
+    def summarize(self) -> dict:
+        """Gather detections over ranks, evaluate on rank 0, broadcast the summary.
+
+        Every rank must call this. Returns ``{metric: float for METRIC_NAMES, 'per_class':
+        [{'category': id, 'name': str, 'num_gt': int, 'AP': float, 'AP50': float}, ...],
+        'num_images': int, 'num_detections': int, 'backend': str}``.
+        """
+        merged: Dict[int, np.ndarray] = {}
+        for part in _all_gather_object(self._dets):
+            merged.update(part)
+        summary = None
+        if is_main_process():
+            dets = np.concatenate(list(merged.values()), axis=0) if merged else np.zeros((0, 7))
+            summary = self._evaluate(dets)
+            summary.update(num_images=len(merged), num_detections=int(len(dets)), backend=self.backend)
+        return _broadcast_object(summary)
+
+
+def summary_from_eval(coco_eval, category_names: Dict[int, str], num_gt: Dict[int, int]) -> dict:
+    """Metrics from an accumulated COCOeval (either library), computed from its arrays.
+
+    ``precision`` is [T iou, R recall, K class, A area, M maxDets], ``recall`` is [T, K, A, M];
+    same definitions as ``COCOeval.summarize`` (AP/AR averaged over entries > -1).
+    """
+    p = coco_eval.params
+    prec = np.asarray(coco_eval.eval["precision"])
+    rec = np.asarray(coco_eval.eval["recall"])
+    area = {lbl: i for i, lbl in enumerate(p.areaRngLbl)}
+    m_of = {d: i for i, d in enumerate(p.maxDets)}
+    m = m_of[max(p.maxDets)]
+    t50 = int(np.argmin(np.abs(np.asarray(p.iouThrs) - 0.5)))
+    t75 = int(np.argmin(np.abs(np.asarray(p.iouThrs) - 0.75)))
+    a = area["all"]
+    out = {
+        "AP": _mean_valid(prec[:, :, :, a, m]),
+        "AP50": _mean_valid(prec[t50, :, :, a, m]),
+        "AP75": _mean_valid(prec[t75, :, :, a, m]),
+        "AP_small": _mean_valid(prec[:, :, :, area["small"], m]),
+        "AP_medium": _mean_valid(prec[:, :, :, area["medium"], m]),
+        "AP_large": _mean_valid(prec[:, :, :, area["large"], m]),
+    }
+    for d in sorted(p.maxDets):
+        out[f"AR{d}"] = _mean_valid(rec[:, :, a, m_of[d]])
+    for lbl in ("small", "medium", "large"):
+        out[f"AR_{lbl}"] = _mean_valid(rec[:, :, area[lbl], m])
+    out["per_class"] = [
+        {"category": int(cid), "name": category_names.get(cid, str(cid)), "num_gt": int(num_gt.get(cid, 0)),
+         "AP": _mean_valid(prec[:, :, k, a, m]), "AP50": _mean_valid(prec[t50, :, k, a, m])}
+        for k, cid in enumerate(p.catIds)
+    ]
+    return out
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def format_table(summary: Optional[dict]) -> str:
+    """Markdown tables of the overall metrics and the per-class AP."""
+    if not summary:
+        return "(no evaluation summary)"
+    metrics = [k for k in METRIC_NAMES if k in summary]
+    lines = ["| " + " | ".join(metrics) + " |",
+             "|" + "|".join("---:" for _ in metrics) + "|",
+             "| " + " | ".join(_fmt(summary[k]) for k in metrics) + " |"]
+    per_class = summary.get("per_class") or []
+    if per_class:
+        lines += ["", "| id | class | #gt | AP | AP50 |", "|---:|:---|---:|---:|---:|"]
+        lines += [f"| {c['category']} | {c['name']} | {c.get('num_gt', '')} | {_fmt(c['AP'])} | "
+                  f"{_fmt(c.get('AP50'))} |" for c in per_class]
+    return "\n".join(lines)

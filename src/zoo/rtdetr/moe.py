@@ -1,0 +1,221 @@
+"""Mixture-of-experts feed-forward block (DSET), a drop-in for the dense ``linear1 -> act -> linear2`` FFN.
+
+Each expert is the dense FFN ``y = W2 · dropout(act(W1 x + b1)) + b2``. A linear router scores the
+experts per token; the top-k experts run and their outputs are mixed with the softmax of the selected
+logits (the k weights sum to 1). In training, Gaussian noise N(0, noise_std^2) is added to the router
+logits before the top-k choice (noisy top-k gating); in eval the routing is deterministic.
+
+Parameters (names are fixed, checkpoints and optimiser regexes rely on them):
+    gate: nn.Linear(d_model, num_experts)
+    w1 [E, F, D], b1 [E, F], w2 [E, D, F], b2 [E, D]   (E experts, F = dim_feedforward, D = d_model)
+
+Load balancing (Switch Transformer, Fedus et al. 2021): ``E * sum_e f_e * P_e`` with f_e the fraction
+of the T * top_k routed assignments that go to expert e and P_e the mean (full, over E) softmax router
+probability. It equals 1 for perfectly uniform routing; it is stored in ``last_aux`` after each forward.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+_EXPERT_PARAMS = (("w1", "linear1.weight"), ("b1", "linear1.bias"), ("w2", "linear2.weight"), ("b2", "linear2.bias"))
+
+
+def switch_balance_loss(expert_fraction: torch.Tensor, router_prob: torch.Tensor) -> torch.Tensor:
+    """Switch-style load-balancing loss ``E * sum_e f_e * P_e``.
+
+    Args:
+        expert_fraction: [E] fraction of routed assignments per expert (sums to 1, no gradient needed).
+        router_prob: [E] mean softmax router probability per expert (sums to 1, carries the gradient).
+    Returns:
+        scalar; 1.0 when both are uniform (1/E each), up to E when everything goes to one expert.
+    """
+    num_experts = expert_fraction.shape[-1]
+    return num_experts * (expert_fraction * router_prob).sum(-1)
+
+
+class MoEFFN(nn.Module):
+    """Top-k routed mixture of ``num_experts`` FFN experts. ``forward(x [..., D]) -> y [..., D]``."""
+
+    def __init__(self, d_model: int, dim_feedforward: int, num_experts: int = 4, top_k: int = 2,
+                 noise_std: float = 0.1, activation: str = "relu", dropout: float = 0.0):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"MoEFFN: num_experts must be >= 1, got num_experts={num_experts}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"MoEFFN: top_k must be in [1, num_experts], got top_k={top_k}, "
+                             f"num_experts={num_experts}; lower top_k or raise num_experts")
+        if noise_std < 0:
+            raise ValueError(f"MoEFFN: noise_std must be >= 0, got noise_std={noise_std}")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"MoEFFN: activation={activation!r} is not one of {sorted(_ACTIVATIONS)}")
+        self.d_model, self.dim_feedforward = d_model, dim_feedforward
+        self.num_experts, self.top_k, self.noise_std = num_experts, top_k, noise_std
+        self.activation_name = activation
+        self.activation = _ACTIVATIONS[activation]
+        self.dropout = nn.Dropout(dropout)
+
+        self.gate = nn.Linear(d_model, num_experts)
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim_feedforward, d_model))
+        self.b1 = nn.Parameter(torch.empty(num_experts, dim_feedforward))
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_model, dim_feedforward))
+        self.b2 = nn.Parameter(torch.empty(num_experts, d_model))
+        self.reset_parameters()
+        self.last_aux: dict | None = None  # set by every forward
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Initialise every expert exactly as nn.Linear would (kaiming-uniform weights, uniform biases)."""
+        for weight, bias in ((self.w1, self.b1), (self.w2, self.b2)):
+            for e in range(self.num_experts):  # init only: per-expert fan-in as nn.Linear computes it
+                nn.init.kaiming_uniform_(weight[e], a=math.sqrt(5))
+                bound = 1.0 / math.sqrt(weight.shape[-1])
+                nn.init.uniform_(bias[e], -bound, bound)
+
+    @torch.no_grad()
+    def load_from_dense(self, linear1: nn.Linear, linear2: nn.Linear):
+        """Copy a dense FFN (linear1: D -> F, linear2: F -> D) into every expert.
+
+        Since the top-k weights sum to 1, the MoE then computes the dense FFN output whatever the router
+        says (up to float rounding); the router keeps its own initialisation.
+        """
+        expected = {"linear1.weight": tuple(self.w1.shape[1:]), "linear2.weight": tuple(self.w2.shape[1:])}
+        got = {"linear1.weight": tuple(linear1.weight.shape), "linear2.weight": tuple(linear2.weight.shape)}
+        if expected != got or linear1.bias is None or linear2.bias is None:
+            raise ValueError(f"MoEFFN.load_from_dense: dense FFN shapes {got} (biases required) do not match "
+                             f"the experts' {expected}; build MoEFFN with the dense layer's d_model/dim_feedforward")
+        self.w1.copy_(linear1.weight.unsqueeze(0).expand_as(self.w1))
+        self.b1.copy_(linear1.bias.unsqueeze(0).expand_as(self.b1))
+        self.w2.copy_(linear2.weight.unsqueeze(0).expand_as(self.w2))
+        self.b2.copy_(linear2.bias.unsqueeze(0).expand_as(self.b2))
+
+    def route(self, x: torch.Tensor):
+        """Router for flat tokens.
+
+        Args:
+            x: [T, D]
+        Returns:
+            probs [T, E] full softmax of the (noisy in training) router logits,
+            top_idx [T, K] long, the chosen experts (descending logit),
+            top_weight [T, K] softmax over the chosen logits (rows sum to 1).
+        """
+        logits = self.gate(x)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32+ under autocast
+        if self.training and self.noise_std > 0:
+            logits = logits + torch.randn_like(logits) * self.noise_std
+        top_logit, top_idx = logits.topk(self.top_k, dim=-1)
+        return logits.softmax(-1), top_idx, top_logit.softmax(-1)
+
+    def _experts(self, x_sorted: torch.Tensor, counts: list) -> torch.Tensor:
+        """Run expert e on its contiguous slice of ``x_sorted`` [A, D] (slices sized ``counts``) -> [A, D]."""
+        outputs = []
+        for e, x_e in enumerate(torch.split(x_sorted, counts)):  # loop over experts, never over tokens
+            if x_e.shape[0] == 0:
+                continue
+            h = self.dropout(self.activation(F.linear(x_e, self.w1[e], self.b1[e])))
+            outputs.append(F.linear(h, self.w2[e], self.b2[e]))
+        return torch.cat(outputs, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] -> y [..., D]; sets ``self.last_aux`` (balance_loss scalar with graph,
+        expert_fraction [E], router_prob [E])."""
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"MoEFFN: input last dim {x.shape[-1]} != d_model {self.d_model}")
+        flat = x.reshape(-1, self.d_model)
+        num_tokens, k, num_experts = flat.shape[0], self.top_k, self.num_experts
+        if num_tokens == 0:
+            zero = self.gate.weight.sum() * 0
+            self.last_aux = {"balance_loss": zero, "expert_fraction": flat.new_zeros(num_experts),
+                             "router_prob": flat.new_zeros(num_experts)}
+            return x.clone()
+
+        probs, top_idx, top_weight = self.route(flat)
+        expert_of_assignment = top_idx.reshape(-1)                                   # [T*K]
+        order = torch.argsort(expert_of_assignment, stable=True)                     # group by expert
+        counts = torch.bincount(expert_of_assignment, minlength=num_experts)         # [E]
+        token_of_assignment = order // k                                             # assignment a = t*K + j
+        y_sorted = self._experts(flat[token_of_assignment], counts.tolist())         # one host sync per call
+        y_assign = torch.empty_like(y_sorted)
+        y_assign[order] = y_sorted                                                   # back to [T*K] order
+        out = (top_weight.unsqueeze(-1).to(y_assign.dtype) * y_assign.view(num_tokens, k, -1)).sum(1)
+
+        expert_fraction = counts.to(probs.dtype) / (num_tokens * k)
+        router_prob = probs.mean(0)
+        self.last_aux = {"balance_loss": switch_balance_loss(expert_fraction, router_prob),
+                         "expert_fraction": expert_fraction, "router_prob": router_prob}
+        return out.view_as(x)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, dim_feedforward={self.dim_feedforward}, num_experts={self.num_experts}, "
+                f"top_k={self.top_k}, noise_std={self.noise_std}, activation={self.activation_name}")
+
+
+def expand_dense_ffn_state(state_dict: dict, model_state_dict: dict):
+    """Checkpoint adapter: turn dense FFN weights into stacked MoE expert weights.
+
+    For every key ``P.moe.w1`` of the model (and b1/w2/b2) whose layer prefix P has all of
+    ``P.linear1.weight``, ``P.linear1.bias``, ``P.linear2.weight``, ``P.linear2.bias`` in ``state_dict``
+    (and no ``P.moe.*`` expert weights of its own), the dense tensors are copied into each of the model's
+    E experts (``[F, D] -> [E, F, D]`` etc.) and the dense keys are dropped. The router ``P.moe.gate.*``
+    is not in a dense checkpoint: it keeps the model's initialisation (reported as missing by
+    ``load_state_dict(strict=False)``).
+
+    Args:
+        state_dict: checkpoint weights (not modified).
+        model_state_dict: ``model.state_dict()`` of the MoE model (gives E and the expected shapes).
+    Returns:
+        (new_state_dict, messages): a shallow-copied dict with the expansions applied, and one message
+        per layer expanded or skipped (shape mismatch, incomplete dense weights).
+    """
+    new_state, messages = dict(state_dict), []
+    for key in sorted(model_state_dict):
+        if not key.endswith(".moe.w1"):
+            continue
+        layer, moe = key[: -len(".moe.w1")], key[: -len(".w1")]
+        dense_keys = {name: f"{layer}.{dense}" for name, dense in _EXPERT_PARAMS}
+        present = [k for k in dense_keys.values() if k in state_dict]
+        if not present or any(f"{moe}.{name}" in state_dict for name in dense_keys):
+            continue
+        if len(present) < len(dense_keys):
+            messages.append(f"{layer}: dense FFN incomplete in checkpoint (has {present}); MoE experts of "
+                            f"'{moe}' keep their initialisation")
+            continue
+        expanded = {}
+        for name, dense in dense_keys.items():
+            target = model_state_dict[f"{moe}.{name}"]
+            source = state_dict[dense]
+            if tuple(source.shape) != tuple(target.shape[1:]):
+                expanded = None
+                messages.append(f"{layer}: cannot expand {dense} {tuple(source.shape)} into {moe}.{name} "
+                                f"{tuple(target.shape)} (expert shape {tuple(target.shape[1:])}); left as is")
+                break
+            expanded[f"{moe}.{name}"] = source.unsqueeze(0).expand(target.shape[0], *source.shape).clone()
+        if expanded is None:
+            continue
+        for dense in dense_keys.values():
+            del new_state[dense]
+        new_state.update(expanded)
+        num_experts = model_state_dict[key].shape[0]
+        messages.append(f"{layer}: expanded dense linear1/linear2 into {num_experts} experts of '{moe}' "
+                        f"(router '{moe}.gate' keeps its initialisation)")
+    return new_state, messages
+
+
+def replace_ffn_with_moe(layer: nn.Module, num_experts: int, top_k: int, noise_std: float,
+                         activation: str) -> nn.Module:
+    """Swap a transformer layer's dense FFN (``linear1``/``linear2``) for ``layer.moe = MoEFFN(...)``.
+
+    The dense Linear modules are removed (so the state dict has ``moe.*`` instead of ``linear1/2.*``);
+    the layer's ``forward_ffn`` must route through ``self.moe`` when it is set. Experts start with
+    independent random initialisation; tuning from a dense checkpoint copies the dense FFN into every
+    expert (``expand_dense_ffn_state``).
+    """
+    d_model, dim_ff = layer.linear1.in_features, layer.linear1.out_features
+    dropout = getattr(layer, "dropout3", None) or getattr(layer, "dropout", None)
+    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    layer.moe = MoEFFN(d_model, dim_ff, num_experts, top_k, noise_std, activation, p)
+    del layer.linear1
+    del layer.linear2
+    return layer

@@ -1,0 +1,66 @@
+"""Box ops: conversions, paired IoU and inverse sigmoid against torchvision.ops and hand-computed values."""
+import torch
+import torchvision.ops as tvops
+
+from src.zoo.rtdetr.box_ops import (box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, elementwise_box_iou,
+                                    generalized_box_iou, inverse_sigmoid)
+
+
+def random_cxcywh(n: int, generator: torch.Generator) -> torch.Tensor:
+    centre = torch.rand(n, 2, generator=generator) * 0.8 + 0.1
+    size = torch.rand(n, 2, generator=generator) * 0.3 + 0.01
+    return torch.cat([centre, size], dim=-1)
+
+
+def test_cxcywh_to_xyxy_matches_hand_computed_corners():
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.4], [0.25, 0.75, 0.5, 0.1]])
+    expected = torch.tensor([[0.4, 0.3, 0.6, 0.7], [0.0, 0.7, 0.5, 0.8]])
+    torch.testing.assert_close(box_cxcywh_to_xyxy(boxes), expected)
+    torch.testing.assert_close(box_xyxy_to_cxcywh(expected), boxes)
+
+
+def test_conversions_round_trip_and_agree_with_torchvision():
+    g = torch.Generator().manual_seed(0)
+    cxcywh = random_cxcywh(64, g)
+    xyxy = box_cxcywh_to_xyxy(cxcywh)
+    torch.testing.assert_close(xyxy, tvops.box_convert(cxcywh, "cxcywh", "xyxy"))
+    torch.testing.assert_close(box_xyxy_to_cxcywh(xyxy), cxcywh)
+    torch.testing.assert_close(box_cxcywh_to_xyxy(box_xyxy_to_cxcywh(xyxy)), xyxy)
+    # leading batch dimensions are kept
+    batched = cxcywh.view(4, 16, 4)
+    torch.testing.assert_close(box_cxcywh_to_xyxy(batched), xyxy.view(4, 16, 4))
+
+
+def test_elementwise_box_iou_equals_diagonal_of_torchvision_box_iou():
+    g = torch.Generator().manual_seed(1)
+    boxes1 = box_cxcywh_to_xyxy(random_cxcywh(50, g))
+    boxes2 = box_cxcywh_to_xyxy(random_cxcywh(50, g))
+    boxes2[:10] = boxes1[:10]                              # identical pairs: IoU 1
+    expected = torch.diag(tvops.box_iou(boxes1, boxes2))
+    got = elementwise_box_iou(boxes1, boxes2)
+    assert got.shape == (50,)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got[:10], torch.ones(10))
+    assert (got[10:] < 1).all() and (got >= 0).all()
+
+
+def test_elementwise_box_iou_hand_computed_and_degenerate_boxes():
+    boxes1 = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.5, 0.5]])
+    boxes2 = torch.tensor([[1.0, 1.0, 3.0, 3.0], [2.0, 2.0, 3.0, 3.0], [0.5, 0.5, 0.5, 0.5]])
+    # overlap 1 / union 7; disjoint 0; two zero-area boxes give 0, not NaN
+    torch.testing.assert_close(elementwise_box_iou(boxes1, boxes2), torch.tensor([1 / 7, 0.0, 0.0]))
+
+
+def test_reexported_pairwise_ious_are_torchvision():
+    assert box_iou is tvops.box_iou and generalized_box_iou is tvops.generalized_box_iou
+    g = torch.Generator().manual_seed(2)
+    boxes = box_cxcywh_to_xyxy(random_cxcywh(8, g))
+    torch.testing.assert_close(torch.diag(generalized_box_iou(boxes, boxes)), torch.ones(8))
+
+
+def test_inverse_sigmoid_inverts_sigmoid_and_stays_finite_at_0_and_1():
+    x = torch.linspace(-6, 6, 25)
+    torch.testing.assert_close(inverse_sigmoid(torch.sigmoid(x)), x, atol=1e-3, rtol=1e-3)
+    edges = inverse_sigmoid(torch.tensor([0.0, 1.0, -0.5, 1.5]))
+    assert torch.isfinite(edges).all()
+    assert edges[0] < -10 and edges[1] > 10

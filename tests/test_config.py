@@ -1,0 +1,134 @@
+"""Config composition, overrides and validation errors (issue 'pipeline', 'reliability')."""
+import textwrap
+
+import pytest
+
+from src.core import ConfigError, YAMLConfig
+from src.core.yaml_utils import load_yaml_config, parse_overrides
+from src.zoo.rtdetr.dset_config import DSET_KEYS, validate_dset
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_include_is_recursive_relative_and_the_including_file_wins(tmp_path):
+    write(tmp_path, "inc/base.yaml", """
+        a: 1
+        nested: {x: 1, y: 2}
+        __include__: [deeper.yaml]
+    """)
+    write(tmp_path, "inc/deeper.yaml", "z: 9\na: 0\n")
+    top = write(tmp_path, "top.yaml", """
+        __include__: [inc/base.yaml]
+        nested: {y: 20}
+    """)
+    cfg, origins = load_yaml_config(str(top))
+    assert cfg == {"z": 9, "a": 1, "nested": {"x": 1, "y": 20}}
+    assert origins[("nested", "y")].endswith("top.yaml")
+    assert origins[("nested", "x")].endswith("base.yaml")
+    assert origins[("z",)].endswith("deeper.yaml")
+
+
+def test_include_cycle_is_an_error_showing_the_chain(tmp_path):
+    write(tmp_path, "a.yaml", "__include__: [b.yaml]\n")
+    write(tmp_path, "b.yaml", "__include__: [a.yaml]\n")
+    with pytest.raises(ConfigError, match=r"include cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_yaml_config(str(tmp_path / "a.yaml"))
+
+
+def test_missing_include_names_the_including_file(tmp_path):
+    top = write(tmp_path, "top.yaml", "__include__: [nope.yaml]\n")
+    with pytest.raises(ConfigError, match=r"top\.yaml: __include__ entry 'nope\.yaml' not found"):
+        load_yaml_config(str(top))
+
+
+def test_overrides_are_parsed_as_yaml_into_nested_keys():
+    assert parse_overrides(["a.b=3", "c=[1, 2]", "d=true", "e.f.g=abc"]) == {
+        "a": {"b": 3}, "c": [1, 2], "d": True, "e": {"f": {"g": "abc"}}}
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_overrides(["novalue"])
+
+
+def test_override_changes_the_built_model_config():
+    cfg = YAMLConfig("configs/rtdetrv2_r18vd_coco.yaml", overrides=["epochs=3", "HybridEncoder.nhead=4"])
+    assert cfg["epochs"] == 3
+    assert cfg["HybridEncoder"]["nhead"] == 4
+    assert cfg.where(("epochs",)).startswith("command line")
+
+
+def test_unknown_top_level_key_names_file_key_and_valid_keys(tmp_path):
+    top = tmp_path / "bad.yaml"
+    top.write_text("__include__: ['%s']\nepochss: 3\n" % _rel("configs/rtdetrv2_r18vd_coco.yaml", tmp_path))
+    with pytest.raises(ConfigError) as e:
+        YAMLConfig(str(top))
+    msg = str(e.value)
+    assert "bad.yaml" in msg and "'epochss'" in msg and "epochs" in msg
+
+
+def test_misspelled_component_key_names_the_file_and_valid_keys(tmp_path):
+    top = tmp_path / "bad.yaml"
+    top.write_text("__include__: ['%s']\nHybridEncoder:\n  hiden_dim: 128\n"
+                   % _rel("configs/rtdetrv2_r18vd_coco.yaml", tmp_path))
+    with pytest.raises(ConfigError) as e:
+        YAMLConfig(str(top))
+    msg = str(e.value)
+    assert "bad.yaml: HybridEncoder.hiden_dim" in msg and "hidden_dim" in msg
+
+
+def test_misspelled_key_in_a_nested_transform_is_an_error():
+    with pytest.raises(ConfigError) as e:
+        YAMLConfig("configs/rtdetrv2_r18vd_coco.yaml",
+                   overrides={"val_dataloader": {"collate_fn": {"type": "BatchImageCollateFunction",
+                                                                "scale": [[640, 640]]}}})
+    assert "'scale'" in str(e.value) and "scales" in str(e.value)
+
+
+def test_misspelled_dataloader_key_is_an_error():
+    with pytest.raises(ConfigError, match=r"train_dataloader.batch_size.*total_batch_size"):
+        YAMLConfig("configs/rtdetrv2_r18vd_coco.yaml", overrides=["train_dataloader.batch_size=4"])
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("keep_ratio", 0.0, "in (0, 1]"),
+    ("keep_ratio", 1.5, "in (0, 1]"),
+    ("cass_loss_weight", -0.1, ">= 0"),
+    ("cass_expansion_ratio", -1.0, ">= 0"),
+    ("cass_normalization", "objects", "patch, object, object_area, area_patch, object_balanced"),
+    ("cass_decay_type", "cosine", "gaussian, linear"),
+    ("patch_size", 0, ">= 1"),
+    ("keep_ratio", True, "in (0, 1]"),
+])
+def test_dset_out_of_range_values_name_the_key(key, value, fragment):
+    with pytest.raises(ValueError) as e:
+        validate_dset({key: value}, where="cfg.yaml: dset")
+    assert f"cfg.yaml: dset.{key}" in str(e.value) and fragment in str(e.value)
+
+
+def test_dset_top_k_larger_than_num_experts_is_an_error():
+    with pytest.raises(ValueError, match="top_k = 5 is larger than .*num_experts = 4"):
+        validate_dset({"num_experts": 4, "top_k": 5})
+    with pytest.raises(ValueError, match="encoder_moe_top_k"):
+        validate_dset({"encoder_moe_num_experts": 2, "encoder_moe_top_k": 3})
+
+
+def test_dset_unknown_key_lists_the_valid_ones():
+    with pytest.raises(ValueError) as e:
+        validate_dset({"keep_ratoi": 0.3})
+    assert "keep_ratoi" in str(e.value) and "keep_ratio" in str(e.value)
+
+
+def test_dset_defaults_are_filled_and_disabled_section_means_off():
+    full = validate_dset({"keep_ratio": 0.5})
+    assert set(full) == set(DSET_KEYS) and full["keep_ratio"] == 0.5
+    assert validate_dset({"enabled": False}) is None
+    assert validate_dset(None) is None
+
+
+def _rel(path, tmp_path):
+    import os
+
+    return os.path.relpath(os.path.abspath(path), str(tmp_path))

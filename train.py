@@ -1,0 +1,61 @@
+"""Train or evaluate an RT-DETRv2 / DSET detector.
+
+    python train.py -c configs/dset4_r18_ratio0.3.yaml
+    python train.py -c CONFIG -r output/run/last.pth          # resume the full training state
+    python train.py -c CONFIG -t rtdetrv2_r18vd_120e_coco_rerun_48.1.pth   # tune from weights
+    python train.py -c CONFIG -r output/run/best.pth --test-only
+    torchrun --nproc_per_node 2 train.py -c CONFIG           # DDP (nccl on CUDA, gloo on CPU)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from src.core import ConfigError, YAMLConfig
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", required=True, help="YAML config")
+    p.add_argument("-r", "--resume", help="training checkpoint (last.pth) to resume from")
+    p.add_argument("-t", "--tuning", help="weights to tune from (official format or ours)")
+    p.add_argument("--test-only", action="store_true", help="evaluate once and exit")
+    p.add_argument("--use-amp", action="store_true", help="mixed precision (CUDA only)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (overrides the config)")
+    p.add_argument("--output-dir", default=None, help="output directory (overrides the config)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load legacy pickled checkpoints with weights_only=False; this can run code from "
+                        "the file, so use it only for files you trust")
+    p.add_argument("-u", "--update", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config keys, values parsed as YAML (e.g. -u epochs=3 dset.keep_ratio=0.5)")
+    args = p.parse_args(argv)
+    if args.resume and args.tuning:
+        p.error("-r (resume) and -t (tune) are exclusive: resume continues a run, tune starts a new one")
+    return args
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from src.solver.trainer import Trainer
+
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        cfg = YAMLConfig(args.config, overrides=args.update)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    trainer = Trainer(cfg, device=device, output_dir=args.output_dir, seed=args.seed,
+                      use_amp=True if args.use_amp else None, resume=args.resume, tuning=args.tuning,
+                      trusted_checkpoint=args.trust_checkpoint)
+    if args.test_only:
+        trainer.evaluate_only()
+    else:
+        trainer.fit()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
