@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(VPY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(VPY) bench/cass_loss_bench.py
+	$(VPY) -m bench.cass_loss_bench
 
 clean:
 	rm -rf output

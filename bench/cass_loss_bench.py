@@ -11,12 +11,8 @@ timed on CPU only; it builds its tensors there).
     python bench/cass_loss_bench.py --quick    # fewer repeats, no 200-box row for the oracle
 """
 import argparse
-import os
-import sys
 import time
 
-if __package__ in (None, ''):    # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 

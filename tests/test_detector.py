@@ -7,7 +7,7 @@ import torch
 from src.core import YAMLConfig
 from src.misc.checkpoint import save_checkpoint
 from src.solver.trainer import eval_scale_sizes
-from src.zoo.rtdetr.box_ops import box_cxcywh_to_xyxy, box_iou
+from src.zoo.rtdetr.box_ops import box_iou
 from src.zoo.rtdetr.weights import load_pretrained
 
 TABLE = os.path.join(os.path.dirname(__file__), "data", "rtdetrv2_r18vd_state_dict.tsv")

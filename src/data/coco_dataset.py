@@ -1,0 +1,263 @@
+"""COCO-format detection dataset.
+
+The annotation json is indexed once at construction: category ids are remapped to contiguous
+labels ``0..C-1`` in sorted category-id order, crowd boxes are left out of the training targets
+(evaluation reads the json, which keeps them), boxes are clipped to the image and degenerate ones
+dropped, all as array operations over every annotation at once. Per-image boxes live in flat
+arrays with offsets, so workers get a cheap copy and ``__getitem__`` only slices.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.ops import box_convert
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from src.core.registry import build, register
+
+logger = logging.getLogger(__name__)
+
+
+class CorruptImageError(RuntimeError):
+    """An image file is missing, unreadable or does not match its json entry."""
+
+
+def load_coco_json(ann_file: str) -> dict:
+    """Read and minimally validate a COCO annotation file; errors name the file."""
+    if not os.path.isfile(ann_file):
+        raise FileNotFoundError(f"annotation file {ann_file!r} not found; check the dataset's ann_file key "
+                                "(for the synthetic set run `make data` first)")
+    try:
+        with open(ann_file, "r", encoding="utf-8") as f:
+            coco = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"annotation file {ann_file!r} is not valid json ({e}); regenerate or fix it") from e
+    if not isinstance(coco, dict):
+        raise ValueError(f"annotation file {ann_file!r}: expected a json object with 'images', "
+                         f"'annotations' and 'categories', got {type(coco).__name__}")
+    for key in ("images", "categories"):
+        if not isinstance(coco.get(key), list):
+            raise ValueError(f"annotation file {ann_file!r}: missing or invalid {key!r} list")
+    if not isinstance(coco.get("annotations", []), list):
+        raise ValueError(f"annotation file {ann_file!r}: 'annotations' must be a list")
+    return coco
+
+
+def _check_image_entries(images: List[dict], ann_file: str) -> None:
+    seen = set()
+    for img in images:
+        for key in ("id", "file_name", "width", "height"):
+            if key not in img:
+                raise ValueError(f"annotation file {ann_file!r}: image entry {img.get('id', img)!r} "
+                                 f"has no {key!r}")
+        if img["id"] in seen:
+            raise ValueError(f"annotation file {ann_file!r}: image id {img['id']} appears twice")
+        seen.add(img["id"])
+
+
+@register()
+class CocoDetection(Dataset):
+    """Images and targets from a COCO json.
+
+    ``__getitem__`` returns ``(image, target)``: image a ``tv_tensors.Image`` uint8 [3, H, W] (before
+    transforms), target a dict with ``boxes`` (``tv_tensors.BoundingBoxes`` XYXY absolute pixels,
+    [n, 4] float32), ``labels`` int64 [n] (contiguous 0..C-1), ``image_id`` int, ``orig_size``
+    int64 [2] = (w, h) of the file, ``area`` float32 [n] (json area, original pixels) and
+    ``iscrowd`` int64 [n] (all 0: crowd boxes are not training targets). Transforms run last.
+
+    Args:
+        img_folder: folder that image ``file_name`` entries are relative to.
+        ann_file: COCO json.
+        transforms: a transform module/callable ``(image, target) -> (image, target)``, or a
+            ``{type: Compose, ...}`` dict built with the registry, or None.
+        skip_corrupt: if True a missing/unreadable image is replaced by the next readable index
+            (deterministic), counted in ``num_skipped`` and logged; if False it is an error.
+        num_classes: the model's class count (shared top-level key); must be >= the number of
+            categories in the json. None: use the json's count.
+    """
+
+    __inject__ = ["transforms"]
+    __share__ = ["num_classes"]
+
+    def __init__(self, img_folder: str, ann_file: str, transforms: Any = None, skip_corrupt: bool = False,
+                 num_classes: Optional[int] = None):
+        self.img_folder = str(img_folder)
+        self.ann_file = str(ann_file)
+        self.skip_corrupt = bool(skip_corrupt)
+        if isinstance(transforms, dict):
+            import src.data.transforms  # noqa: F401  (registers the transform ops the spec names)
+            transforms = build(transforms, where="dataset.transforms")
+        self.transforms = transforms
+        self.epoch = 0
+        self.num_skipped = 0
+        self._warned_corrupt: set = set()
+
+        coco = load_coco_json(self.ann_file)
+        images, categories = coco["images"], coco["categories"]
+        if not images:
+            raise ValueError(f"annotation file {self.ann_file!r} lists no images; the dataset would be empty")
+        if not categories:
+            raise ValueError(f"annotation file {self.ann_file!r} lists no categories")
+        _check_image_entries(images, self.ann_file)
+
+        categories = sorted(categories, key=lambda c: c["id"])
+        self.category_ids: List[int] = [int(c["id"]) for c in categories]
+        self.category_names: List[str] = [str(c.get("name", c["id"])) for c in categories]
+        self.label_to_category_id: Dict[int, int] = dict(enumerate(self.category_ids))
+        self.category_id_to_label: Dict[int, int] = {c: i for i, c in enumerate(self.category_ids)}
+        self.num_dataset_classes = len(self.category_ids)
+        if num_classes is not None and int(num_classes) < self.num_dataset_classes:
+            raise ValueError(f"num_classes={num_classes} is smaller than the {self.num_dataset_classes} categories "
+                             f"in {self.ann_file!r}; set the top-level `num_classes` key to at least "
+                             f"{self.num_dataset_classes}")
+        self.num_classes = int(num_classes) if num_classes is not None else self.num_dataset_classes
+
+        self.image_infos: List[dict] = [
+            {"id": img["id"], "file_name": img["file_name"], "width": int(img["width"]), "height": int(img["height"])}
+            for img in images]
+        self.image_ids: List[int] = [img["id"] for img in self.image_infos]
+        self._index_annotations(coco.get("annotations", []))
+
+    # ------------------------------------------------------------------ indexing
+    def _index_annotations(self, anns: List[dict]) -> None:
+        """Validate all annotations and build flat per-image arrays (one pass, vectorised)."""
+        image_index = {img_id: i for i, img_id in enumerate(self.image_ids)}
+        for ann in anns:
+            if ann.get("image_id") not in image_index:
+                raise ValueError(f"annotation file {self.ann_file!r}: annotation id {ann.get('id')} refers to "
+                                 f"image id {ann.get('image_id')!r}, which is not in 'images'")
+            if ann.get("category_id") not in self.category_id_to_label:
+                raise ValueError(f"annotation file {self.ann_file!r}: annotation id {ann.get('id')} (image id "
+                                 f"{ann.get('image_id')}) has category_id {ann.get('category_id')!r}, which is not "
+                                 f"in 'categories' (ids {self.category_ids}); add the category or fix the annotation")
+            bbox = ann.get("bbox")
+            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+                raise ValueError(f"annotation file {self.ann_file!r}: annotation id {ann.get('id')} (image id "
+                                 f"{ann.get('image_id')}) has bbox {bbox!r}; expected [x, y, width, height]")
+
+        n = len(anns)
+        img_idx = np.array([image_index[a["image_id"]] for a in anns], dtype=np.int64)
+        xywh = np.array([[float(v) for v in a["bbox"]] for a in anns], dtype=np.float64).reshape(n, 4)
+        labels = np.array([self.category_id_to_label[a["category_id"]] for a in anns], dtype=np.int64)
+        iscrowd = np.array([int(a.get("iscrowd", 0)) for a in anns], dtype=np.int64)
+        area_json = np.array([float(a.get("area", np.nan)) for a in anns], dtype=np.float64)
+        sizes = np.array([[im["width"], im["height"]] for im in self.image_infos], dtype=np.float64)
+
+        crowd = iscrowd != 0
+        finite = np.isfinite(xywh).all(axis=1)
+        xyxy = box_convert(torch.from_numpy(np.where(finite[:, None], xywh, 0.0)), "xywh", "xyxy").numpy()
+        wh = sizes[img_idx] if n else np.zeros((0, 2))
+        limits = np.concatenate([wh, wh], axis=1)  # [n, 4]: w, h, w, h
+        clipped = np.clip(xyxy, 0.0, limits)
+        was_clipped = finite & (clipped != xyxy).any(axis=1)
+        degenerate = finite & ((clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1]))
+        keep = ~crowd & finite & ~degenerate
+
+        self.box_stats = {
+            "annotations": int(n),
+            "crowd_excluded": int(crowd.sum()),
+            "nonfinite_dropped": int((~crowd & ~finite).sum()),
+            "clipped": int((~crowd & was_clipped).sum()),
+            "degenerate_dropped": int((~crowd & degenerate).sum()),
+            "kept": int(keep.sum()),
+        }
+        problems = {k: v for k, v in self.box_stats.items()
+                    if k in ("nonfinite_dropped", "clipped", "degenerate_dropped") and v}
+        if problems:
+            logger.warning("%s: fixed boxes %s (of %d annotations; %d crowd excluded, %d kept)", self.ann_file,
+                           problems, n, self.box_stats["crowd_excluded"], self.box_stats["kept"])
+        else:
+            logger.info("%s: %d annotations, %d crowd excluded from targets, %d kept", self.ann_file, n,
+                        self.box_stats["crowd_excluded"], self.box_stats["kept"])
+
+        box_area = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+        area = np.where(np.isfinite(area_json), area_json, box_area)
+        order = np.argsort(img_idx[keep], kind="stable")
+        self._boxes = clipped[keep][order].astype(np.float32)
+        self._labels = labels[keep][order]
+        self._area = area[keep][order].astype(np.float32)
+        counts = np.bincount(img_idx[keep], minlength=len(self.image_infos))
+        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    # ------------------------------------------------------------------ access
+    def __len__(self) -> int:
+        return len(self.image_infos)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if self.transforms is not None and hasattr(self.transforms, "set_epoch"):
+            self.transforms.set_epoch(epoch)
+
+    def image_path(self, index: int) -> str:
+        return os.path.join(self.img_folder, self.image_infos[index]["file_name"])
+
+    def load_image(self, index: int) -> tv_tensors.Image:
+        """Decode image ``index`` as uint8 RGB [3, H, W]; CorruptImageError names file and image id."""
+        info = self.image_infos[index]
+        path = self.image_path(index)
+        if not os.path.isfile(path):
+            raise CorruptImageError(f"image file {path!r} (image id {info['id']}) is missing; check img_folder "
+                                    f"({self.img_folder!r}) or pass skip_corrupt=True to skip it")
+        try:
+            with Image.open(path) as pil:
+                image = pil_to_tensor(pil.convert("RGB"))  # convert() decodes the whole file
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise CorruptImageError(f"image file {path!r} (image id {info['id']}) cannot be decoded ({e}); "
+                                    "replace it or pass skip_corrupt=True to skip it") from e
+        h, w = image.shape[-2:]
+        if (w, h) != (info["width"], info["height"]):
+            raise CorruptImageError(f"image file {path!r} (image id {info['id']}) is {w}x{h} but "
+                                    f"{self.ann_file!r} says {info['width']}x{info['height']}; fix the json")
+        return tv_tensors.Image(image)
+
+    def load_target(self, index: int) -> dict:
+        info = self.image_infos[index]
+        s, e = self._offsets[index], self._offsets[index + 1]
+        n = int(e - s)
+        return {
+            "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(self._boxes[s:e].copy()), format="XYXY",
+                                              canvas_size=(info["height"], info["width"])),
+            "labels": torch.from_numpy(self._labels[s:e].copy()),
+            "image_id": info["id"],
+            "orig_size": torch.tensor([info["width"], info["height"]], dtype=torch.int64),
+            "area": torch.from_numpy(self._area[s:e].copy()),
+            "iscrowd": torch.zeros(n, dtype=torch.int64),
+        }
+
+    def _readable_index(self, index: int) -> Tuple[int, tv_tensors.Image]:
+        """The first readable image at ``index, index+1, ...`` (wrapping) when skipping corrupt files."""
+        for step in range(len(self)):
+            i = (index + step) % len(self)
+            try:
+                return i, self.load_image(i)
+            except CorruptImageError as e:
+                if not self.skip_corrupt:
+                    raise
+                self.num_skipped += 1
+                if i not in self._warned_corrupt:
+                    self._warned_corrupt.add(i)
+                    logger.warning("skipping corrupt image (index %d): %s", i, e)
+        raise CorruptImageError(f"no readable image in {self.img_folder!r} for {self.ann_file!r}: "
+                                f"all {len(self)} files are missing or corrupt")
+
+    def __getitem__(self, index: int):
+        index, image = self._readable_index(index)
+        target = self.load_target(index)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    def extra_repr(self) -> str:
+        return (f"img_folder={self.img_folder}, ann_file={self.ann_file}, images={len(self)}, "
+                f"classes={self.num_dataset_classes}, skip_corrupt={self.skip_corrupt}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"

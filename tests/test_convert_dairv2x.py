@@ -1,0 +1,129 @@
+"""Tests of the DAIR-V2X-I -> COCO converter on a 5-frame fixture in the DAIR layout."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from src.data.coco_dataset import CocoDetection
+from src.data.dairv2x import CATEGORIES, convert_box, convert_dairv2x
+
+FIXTURE = Path(__file__).parent / "fixtures" / "dairv2x_mini"
+WIDTH, HEIGHT = 192, 108  # tiny stand-ins for the 1920x1080 images
+CLASS_ID = {c["name"]: c["id"] for c in CATEGORIES}
+
+
+@pytest.fixture
+def dair_root(tmp_path):
+    """The fixture copied to tmp_path plus tiny jpgs for every frame of data_info.json."""
+    root = tmp_path / "single-infrastructure-side"
+    shutil.copytree(FIXTURE, root)
+    (root / "image").mkdir()
+    for entry in json.loads((root / "data_info.json").read_text()):
+        Image.new("RGB", (WIDTH, HEIGHT), (90, 90, 90)).save(root / entry["image_path"])
+    return root
+
+
+def _load(out, split):
+    return json.loads((out / f"instances_{split}.json").read_text())
+
+
+def test_categories_are_the_eight_classes_with_ids_1_to_8():
+    assert [(c["id"], c["name"]) for c in CATEGORIES] == [
+        (1, "Car"), (2, "Truck"), (3, "Van"), (4, "Bus"), (5, "Pedestrian"), (6, "Cyclist"), (7, "Motorcyclist"),
+        (8, "Trafficcone")]
+
+
+def test_converter_maps_classes_crowd_and_counts_on_the_fixture(dair_root, tmp_path):
+    out = tmp_path / "coco"
+    report = convert_dairv2x(str(dair_root), str(out), split_json=str(dair_root / "split.json"))
+    train, val, test = _load(out, "train"), _load(out, "val"), _load(out, "test")
+
+    assert [im["file_name"] for im in train["images"]] == ["000000.jpg", "000001.jpg", "000002.jpg"]
+    assert [im["id"] for im in train["images"]] == [0, 1, 2]
+    assert [im["file_name"] for im in val["images"]] == ["000003.jpg"]
+    assert [im["file_name"] for im in test["images"]] == ["000004.jpg"] and test["annotations"] == []
+    assert all((im["width"], im["height"]) == (WIDTH, HEIGHT) for im in train["images"])
+
+    got = [(a["image_id"], a["dair_type"], a["category_id"], a["iscrowd"]) for a in train["annotations"]]
+    assert got == [
+        (0, "Car", CLASS_ID["Car"], 0), (0, "truck", CLASS_ID["Truck"], 0), (0, "Van", CLASS_ID["Van"], 0),
+        (0, "Barrowlist", CLASS_ID["Cyclist"], 0), (0, "PedestrianIgnore", CLASS_ID["Pedestrian"], 1),
+        (1, "Bus", CLASS_ID["Bus"], 0), (1, "Pedestrian", CLASS_ID["Pedestrian"], 0),
+        (1, "Unknown_unmovable", CLASS_ID["Car"], 1),
+        (2, "Motorcyclist", CLASS_ID["Motorcyclist"], 0), (2, "TRAFFICCONE", CLASS_ID["Trafficcone"], 0),
+        (2, "CarIgnore", CLASS_ID["Car"], 1), (2, "Cyclist", CLASS_ID["Cyclist"], 0),
+    ]
+    assert [(a["dair_type"], a["category_id"], a["iscrowd"]) for a in val["annotations"]] == [
+        ("Car", CLASS_ID["Car"], 0), ("OtherIgnore", CLASS_ID["Car"], 1)]
+    assert [a["id"] for a in train["annotations"]] == list(range(1, 13))
+
+    # string numbers parsed; COCO [x, y, w, h]; the Cyclist box (180..200) is clipped to the 192-px image
+    assert train["annotations"][0]["bbox"] == [10.0, 20.0, 40.0, 20.0]
+    assert train["annotations"][0]["area"] == 800.0
+    assert train["annotations"][1]["bbox"] == [60.0, 10.0, 40.0, 40.0]  # numeric (non-string) input
+    assert train["annotations"][-1]["bbox"] == [180.0, 50.0, 12.0, 20.0]
+    assert val["annotations"][1]["bbox"] == [0.0, 80.0, 20.0, 20.0]
+
+    assert report.images == {"train": 3, "val": 1, "test": 1}
+    assert sum(report.annotations["train"].values()) == 9 and sum(report.crowd["train"].values()) == 3
+    assert report.annotations["train"]["Cyclist"] == 2
+    assert report.dropped_types == {"tricyclist": 1}
+    assert report.unknown_types == {"Spaceship": 1}
+    assert report.degenerate == 1 and report.clipped == 1
+    summary = report.summary()
+    assert "Spaceship" in summary and "tricyclist" in summary and "degenerate boxes dropped: 1" in summary
+
+
+def test_default_split_is_a_seeded_80_20_split(dair_root, tmp_path):
+    a = convert_dairv2x(str(dair_root), str(tmp_path / "a"), seed=0)
+    convert_dairv2x(str(dair_root), str(tmp_path / "b"), seed=0)
+    assert a.images == {"train": 4, "val": 1}
+    assert _load(tmp_path / "a", "val") == _load(tmp_path / "b", "val")
+    train_names = {im["file_name"] for im in _load(tmp_path / "a", "train")["images"]}
+    val_names = {im["file_name"] for im in _load(tmp_path / "a", "val")["images"]}
+    assert not train_names & val_names and len(train_names | val_names) == 5
+    seeds_val = set()
+    for seed in range(6):
+        convert_dairv2x(str(dair_root), str(tmp_path / f"s{seed}"), seed=seed)
+        seeds_val.add(tuple(im["file_name"] for im in _load(tmp_path / f"s{seed}", "val")["images"]))
+    assert len(seeds_val) > 1  # the seed changes the split
+
+
+def test_converted_json_loads_in_coco_detection_without_crowd_targets(dair_root, tmp_path):
+    out = tmp_path / "coco"
+    convert_dairv2x(str(dair_root), str(out), split_json=str(dair_root / "split.json"))
+    ds = CocoDetection(str(dair_root / "image"), str(out / "instances_train.json"))
+    assert ds.category_names[:2] == ["Car", "Truck"] and ds.num_classes == 8
+    _, t = ds[0]
+    assert t["labels"].tolist() == [0, 1, 2, 5]  # Car, Truck, Van, Cyclist (Barrowlist); PedestrianIgnore excluded
+    assert ds.box_stats["crowd_excluded"] == 3
+
+
+def test_convert_box_parses_strings_and_rejects_degenerate_boxes():
+    assert convert_box({"xmin": "1.5", "ymin": "2", "xmax": "11.5", "ymax": "4"}, 100, 100) == ([1.5, 2.0, 10.0, 2.0], False)
+    assert convert_box({"xmin": "5", "ymin": "5", "xmax": "5", "ymax": "9"}, 100, 100)[0] is None
+    assert convert_box({"xmin": "nan", "ymin": "5", "xmax": "8", "ymax": "9"}, 100, 100)[0] is None
+    assert convert_box({"xmin": "abc", "ymin": "5", "xmax": "8", "ymax": "9"}, 100, 100)[0] is None
+    assert convert_box({"xmin": -5, "ymin": 90, "xmax": 10, "ymax": 120}, 100, 100) == ([0.0, 90.0, 10.0, 10.0], True)
+
+
+def test_missing_data_info_is_an_error_naming_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data_info.json"):
+        convert_dairv2x(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_split_json_with_unknown_split_name_is_an_error(dair_root, tmp_path):
+    bad = tmp_path / "split.json"
+    bad.write_text(json.dumps({"train": ["000000"], "validation": ["000001"]}))
+    with pytest.raises(ValueError, match=r"unknown split name\(s\) \['validation'\]"):
+        convert_dairv2x(str(dair_root), str(tmp_path / "out"), split_json=str(bad))
+
+
+def test_cli_prints_the_summary(dair_root, tmp_path, capsys):
+    from tools.convert_dairv2x import main
+    main(["--root", str(dair_root), "--out", str(tmp_path / "coco"), "--split-json", str(dair_root / "split.json")])
+    printed = capsys.readouterr().out
+    assert "[train] images=3 annotations=9 (+3 iscrowd)" in printed
+    assert "UNKNOWN types skipped: {'Spaceship': 1}" in printed
