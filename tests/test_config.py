@@ -132,3 +132,22 @@ def _rel(path, tmp_path):
     import os
 
     return os.path.relpath(os.path.abspath(path), str(tmp_path))
+
+
+def test_docs_list_every_dset_key_with_its_default():
+    text = open("docs/dset.md").read()
+    for name, key in DSET_KEYS.items():
+        assert f"| `{name}` | `{key.default}` |" in text, name
+
+
+@pytest.mark.parametrize("path", ["configs/rtdetrv2_r18vd_coco.yaml", "configs/dset4_r18_ratio0.3.yaml"])
+def test_shipped_optimizer_groups_cover_every_parameter_once_without_decay_on_norms_and_biases(path):
+    from src.optim.optimizer import build_optimizer, check_param_groups, params_with_unwanted_weight_decay
+
+    cfg = YAMLConfig(path)
+    model = cfg.model
+    opt = build_optimizer(model, cfg["optimizer"])
+    check_param_groups(model, opt)
+    assert params_with_unwanted_weight_decay(model, opt) == []
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["backbone"] == lrs["backbone_norm_bias"] == 1e-5 and lrs["default"] == 1e-4
