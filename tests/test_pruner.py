@@ -178,7 +178,7 @@ def test_kept_patch_count_is_cass_keep_count_for_many_grids():
         _, _, info = pruner(torch.randn(1, h * w, C), (h, w))
         num_patches = math.ceil(h / 2) * math.ceil(w / 2)
         assert info["num_kept_patches"] == cass.keep_count(num_patches, 0.07, 3)
-        assert info["num_kept_patches"] == min(num_patches, max(3, math.ceil(0.07 * num_patches)))
+        assert info["num_kept_patches"] == min(num_patches, max(3, math.ceil(round(0.07 * num_patches, 9))))  # no float-noise extra patch
 
 
 @pytest.mark.parametrize("key,value", [("keep_ratio", 0.0), ("keep_ratio", 1.5), ("patch_size", 0),

@@ -11,19 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-_ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU, "leaky_relu": nn.LeakyReLU,
-                "hardsigmoid": nn.Hardsigmoid}
+from src.nn.activation import get_activation  # noqa: F401  (re-exported for the backbone and encoder)
 
-
-def get_activation(name: str | None) -> nn.Module:
-    """Activation module for ``name`` (``None`` -> identity). Known: relu, silu, gelu, leaky_relu,
-    hardsigmoid."""
-    if name is None:
-        return nn.Identity()
-    key = name.lower()
-    if key not in _ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; use one of {sorted(_ACTIVATIONS)} or None")
-    return _ACTIVATIONS[key]()
 
 
 class ConvNormLayer(nn.Module):

@@ -24,6 +24,7 @@ from torch.nn import init
 
 from src.core.registry import register
 from src.zoo.rtdetr.moe import replace_ffn_with_moe
+from src.nn.activation import get_activation
 from src.nn.mlp import MLP
 from src.zoo.rtdetr.box_ops import inverse_sigmoid
 from src.zoo.rtdetr.deformable_attention import CROSS_ATTN_METHODS, MSDeformableAttention
@@ -32,15 +33,6 @@ from src.zoo.rtdetr.denoising import get_contrastive_denoising_training_group
 __all__ = ["RTDETRTransformerv2", "TransformerDecoderLayer", "TransformerDecoder", "generate_anchors"]
 
 QUERY_SELECT_METHODS = ("default", "one2many", "agnostic")
-_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
-
-
-def _activation(name: str) -> nn.Module:
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"RTDETRTransformerv2: unknown activation {name!r}; use one of {sorted(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]()
-
-
 def bias_init_with_prob(prior_prob: float) -> float:
     """Bias whose sigmoid is ``prior_prob`` (focal-loss classifier init)."""
     return -math.log((1 - prior_prob) / prior_prob)
@@ -91,7 +83,7 @@ class TransformerDecoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
 
         self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.activation = _activation(activation)
+        self.activation = get_activation(activation)
         self.dropout3 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.dropout4 = nn.Dropout(dropout)
