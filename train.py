@@ -5,6 +5,9 @@
     python train.py -c CONFIG -t rtdetrv2_r18vd_120e_coco_rerun_48.1.pth   # tune from weights
     python train.py -c CONFIG -r output/run/best.pth --test-only
     torchrun --nproc_per_node 2 train.py -c CONFIG           # DDP (nccl on CUDA, gloo on CPU)
+
+Exit status: 0 done; 2 config or checkpoint error (the message names the key or file and the fix);
+3 stopped on a non-finite loss (the last good checkpoint is kept). See docs/reliability.md.
 """
 from __future__ import annotations
 
@@ -35,25 +38,38 @@ def parse_args(argv=None):
     return args
 
 
+EXIT_INPUT_ERROR = 2  # bad config or checkpoint: nothing was trained (as argparse's usage errors)
+EXIT_NONFINITE = 3  # training stopped on a NaN/inf loss; the last good checkpoint is kept
+
+
 def main(argv=None) -> int:
     import torch
 
-    from src.solver.trainer import Trainer
+    from src.solver.trainer import CheckpointError, NonFiniteLossError, Trainer
 
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         cfg = YAMLConfig(args.config, overrides=args.update)
+        trainer = Trainer(cfg, device=device, output_dir=args.output_dir, seed=args.seed,
+                          use_amp=True if args.use_amp else None, resume=args.resume, tuning=args.tuning,
+                          trusted_checkpoint=args.trust_checkpoint)
+        if args.test_only:
+            trainer.evaluate_only()
+        else:
+            trainer.fit()
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
-    trainer = Trainer(cfg, device=device, output_dir=args.output_dir, seed=args.seed,
-                      use_amp=True if args.use_amp else None, resume=args.resume, tuning=args.tuning,
-                      trusted_checkpoint=args.trust_checkpoint)
-    if args.test_only:
-        trainer.evaluate_only()
-    else:
-        trainer.fit()
+        return EXIT_INPUT_ERROR
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except NonFiniteLossError as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -1,4 +1,5 @@
 """Config composition, overrides and validation errors (issue 'pipeline', 'reliability')."""
+import os
 import textwrap
 
 import pytest
@@ -128,12 +129,6 @@ def test_dset_defaults_are_filled_and_disabled_section_means_off():
     assert validate_dset(None) is None
 
 
-def _rel(path, tmp_path):
-    import os
-
-    return os.path.relpath(os.path.abspath(path), str(tmp_path))
-
-
 def test_docs_list_every_dset_key_with_its_default():
     text = open("docs/dset.md").read()
     for name, key in DSET_KEYS.items():
@@ -151,3 +146,16 @@ def test_shipped_optimizer_groups_cover_every_parameter_once_without_decay_on_no
     assert params_with_unwanted_weight_decay(model, opt) == []
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     assert lrs["backbone"] == lrs["backbone_norm_bias"] == 1e-5 and lrs["default"] == 1e-4
+
+
+def test_dset_error_names_where_the_bad_value_was_set(tmp_path):
+    with pytest.raises(ConfigError, match=r"^command line \(-u\): dset\.keep_ratio = 2 is invalid"):
+        YAMLConfig("configs/demo_cpu.yaml", overrides=["dset.keep_ratio=2"])
+    bad = tmp_path / "bad_ratio.yaml"
+    bad.write_text("__include__: ['%s']\ndset:\n  keep_ratio: 2\n" % _rel("configs/demo_cpu.yaml", tmp_path))
+    with pytest.raises(ConfigError, match=r"bad_ratio\.yaml: dset\.keep_ratio = 2 is invalid"):
+        YAMLConfig(str(bad))
+
+
+def _rel(path, tmp_path):
+    return os.path.relpath(os.path.abspath(path), str(tmp_path))

@@ -46,7 +46,7 @@ def test_default_camera_puts_the_vanishing_point_in_the_upper_left():
 
 def test_generator_is_deterministic_for_a_seed(tmp_path):
     a = generate_dataset(str(tmp_path / "a"), num_train=2, num_val=1, width=320, height=180, seed=5)
-    b = generate_dataset(str(tmp_path / "b"), num_train=2, num_val=1, width=320, height=180, seed=5)
+    generate_dataset(str(tmp_path / "b"), num_train=2, num_val=1, width=320, height=180, seed=5)
     c = generate_dataset(str(tmp_path / "c"), num_train=2, num_val=1, width=320, height=180, seed=6)
     for split in ("train", "val"):
         ja = (tmp_path / "a" / "annotations" / f"instances_{split}.json").read_text()

@@ -133,7 +133,7 @@ class YAMLConfig:
             if dl in cfg:
                 self._check_dataloader(cfg[dl], (dl,))
         try:
-            self.dset = validate_dset(cfg.get("dset"), where=self.where(("dset",)))
+            self.dset = validate_dset(cfg.get("dset"), where=lambda key: self.where(("dset",) if key is None else ("dset", key)))
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -214,8 +214,12 @@ class YAMLConfig:
         kwargs.update(extra)
         try:
             return cls(**kwargs)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{self.where(path)}: building {cls.__name__} failed: {e}") from e
+        except (TypeError, ValueError, RuntimeError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            files = sorted({f for k, f in self.origins.items() if k[:len(path)] == path}, reverse=True)
+            raise ConfigError(f"{' and '.join(files) or self.path}: {'.'.join(map(str, path))}: building "
+                              f"{cls.__name__} failed: {e}. Check the values of this section") from e
 
     @property
     def model(self):

@@ -1,5 +1,6 @@
 """Distributed helpers: the one place that talks to torch.distributed."""
 import os
+from typing import Dict
 
 import torch
 import torch.distributed as tdist
@@ -56,3 +57,42 @@ def init_distributed(device: str | None = None) -> bool:
 def barrier():
     if is_dist_available_and_initialized():
         tdist.barrier()
+
+
+def all_gather_object(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]``; ``[obj]`` without a process group."""
+    if not is_dist_available_and_initialized():
+        return [obj]
+    out = [None] * get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank; ``obj`` itself without a process group."""
+    if not is_dist_available_and_initialized():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def mean_over_ranks(values: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Mean over ranks of each scalar in ``values``; a key missing on a rank counts as 0 there.
+
+    Ranks may produce different loss keys (a rank whose batch has no box gets no denoising terms), and
+    reducing key by key would then pair different tensors or hang. So the key union is agreed first (one
+    all_gather_object of the names), then every value goes through ONE all_reduce of a stacked vector.
+    Identity without a process group.
+    """
+    if not is_dist_available_and_initialized():
+        return {k: v.detach() if torch.is_tensor(v) else v for k, v in values.items()}
+    names = sorted(set().union(*all_gather_object(sorted(values))))
+    if not names:
+        return {}
+    ref = next(iter(values.values()), None)
+    device = ref.device if torch.is_tensor(ref) else (
+        torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu"))
+    stacked = torch.stack([values[k].detach().float().reshape(()).to(device) if k in values
+                           else torch.zeros((), device=device) for k in names])
+    return dict(zip(names, all_reduce_mean(stacked).unbind(0)))

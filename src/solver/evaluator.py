@@ -28,9 +28,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.distributed as tdist
 
-from src.misc.dist import get_world_size, is_dist_available_and_initialized, is_main_process
+from src.misc.dist import all_gather_object, broadcast_object, is_main_process
 
 __all__ = ["CocoEvaluator", "format_table", "available_backends", "METRIC_NAMES"]
 
@@ -82,20 +81,6 @@ def _mean_valid(x: np.ndarray) -> float:
     return float(v.mean()) if v.size else float("nan")
 
 
-def _all_gather_object(obj) -> list:
-    if not is_dist_available_and_initialized():
-        return [obj]
-    out = [None] * get_world_size()
-    tdist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast_object(obj):
-    if not is_dist_available_and_initialized():
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 class CocoEvaluator:
@@ -197,14 +182,14 @@ class CocoEvaluator:
         'num_images': int, 'num_detections': int, 'backend': str}``.
         """
         merged: Dict[int, np.ndarray] = {}
-        for part in _all_gather_object(self._dets):
+        for part in all_gather_object(self._dets):
             merged.update(part)
         summary = None
         if is_main_process():
             dets = np.concatenate(list(merged.values()), axis=0) if merged else np.zeros((0, 7))
             summary = self._evaluate(dets)
             summary.update(num_images=len(merged), num_detections=int(len(dets)), backend=self.backend)
-        return _broadcast_object(summary)
+        return broadcast_object(summary)
 
 
 def summary_from_eval(coco_eval, category_names: Dict[int, str], num_gt: Dict[int, int]) -> dict:

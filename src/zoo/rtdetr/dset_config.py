@@ -70,18 +70,21 @@ PRUNER_KEYS = ("input_dim", "patch_size", "keep_ratio", "min_patches", "prune_in
                "cass_focal_beta", "cass_normalization", "cass_bg_weight", "cass_spatial_reg")
 
 
-def validate_dset(section: dict | None, where: str = "dset") -> dict | None:
+def validate_dset(section: dict | None, where: str | Callable[[str | None], str] = "dset") -> dict | None:
     """Return the full dset settings (defaults filled in) or None when DSET is off.
 
-    Raises ValueError naming the key, the bad value and the allowed range or choices.
+    ``where``: a prefix such as ``"file.yaml: dset"``, or a function of the key name (None for the section)
+    returning ``"<file that set it>: dset.<key>"``. Raises ValueError naming the key, the bad value and the
+    allowed range or choices.
     """
+    at = where if callable(where) else (lambda key: where if key is None else f"{where}.{key}")
     if section is None:
         return None
     if not isinstance(section, dict):
-        raise ValueError(f"{where}: must be a mapping of DSET settings, got {section!r}")
+        raise ValueError(f"{at(None)}: must be a mapping of DSET settings, got {section!r}")
     unknown = sorted(set(section) - set(DSET_KEYS))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(DSET_KEYS))}")
+        raise ValueError(f"{at(unknown[0])}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(DSET_KEYS))}")
     out = {}
     for name, key in DSET_KEYS.items():
         value = section.get(name, key.default)
@@ -91,14 +94,14 @@ def validate_dset(section: dict | None, where: str = "dset") -> dict | None:
         else:
             ok_type = isinstance(value, kinds)
         if not ok_type or (key.check is not None and not key.check(value)):
-            raise ValueError(f"{where}.{name} = {value!r} is invalid: must be {key.rule} ({key.doc})")
+            raise ValueError(f"{at(name)} = {value!r} is invalid: must be {key.rule} ({key.doc})")
         out[name] = value
     if out["num_experts"] and out["top_k"] > out["num_experts"]:
-        raise ValueError(f"{where}.top_k = {out['top_k']} is larger than {where}.num_experts = "
+        raise ValueError(f"{at('top_k')} = {out['top_k']} is larger than dset.num_experts = "
                          f"{out['num_experts']}: set top_k <= num_experts")
     if out["encoder_moe_num_experts"] and out["encoder_moe_top_k"] > out["encoder_moe_num_experts"]:
-        raise ValueError(f"{where}.encoder_moe_top_k = {out['encoder_moe_top_k']} is larger than "
-                         f"{where}.encoder_moe_num_experts = {out['encoder_moe_num_experts']}")
+        raise ValueError(f"{at('encoder_moe_top_k')} = {out['encoder_moe_top_k']} is larger than "
+                         f"dset.encoder_moe_num_experts = {out['encoder_moe_num_experts']}")
     if not out["enabled"]:
         return None
     return out
