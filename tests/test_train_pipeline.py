@@ -1,59 +1,24 @@
 """End to end: train.py on a tiny synthetic roadside set writes TensorBoard, checkpoints and an eval json;
 --test-only on the checkpoint reproduces the AP (issues 'pipeline' and 'DSET model')."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from src.data.synthetic_roadside import generate_dataset
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers_tiny_run import make_tiny_dataset, run_train, write_tiny_config
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    """4 train images, batch 2, one epoch: two iterations of DSET (pruning on P4/P5, MoE, CASS)."""
     root = tmp_path_factory.mktemp("pipeline")
-    data = root / "data"
-    generate_dataset(str(data), num_train=4, num_val=2, width=256, height=144, seed=3, min_objects=3,
-                     max_objects=8)
-    cfg = root / "tiny.yaml"
-    cfg.write_text(f"""
-__include__: ['{os.path.join(REPO, 'configs', 'dset4_r18_synth_cpu.yaml')}']
-epochs: 1
-print_freq: 1
-eval_spatial_size: [128, 256]
-RTDETRTransformerv2: {{num_queries: 60, num_denoising: 10}}
-train_dataloader:
-  total_batch_size: 2
-  dataset:
-    img_folder: {data}/images/train
-    ann_file: {data}/annotations/instances_train.json
-    transforms:
-      ops:
-        - {{type: RandomHorizontalFlip}}
-        - {{type: Resize, size: [128, 256]}}
-        - {{type: ConvertPILImage}}
-      policy: null
-val_dataloader:
-  total_batch_size: 2
-  dataset:
-    img_folder: {data}/images/val
-    ann_file: {data}/annotations/instances_val.json
-    transforms:
-      ops:
-        - {{type: Resize, size: [128, 256]}}
-        - {{type: ConvertPILImage}}
-dset:
-  token_pruning_warmup_epochs: 0
-  vis_interval: 1
-""")
+    data = make_tiny_dataset(root / "data")
     out = root / "out"
-    proc = subprocess.run([sys.executable, "train.py", "-c", str(cfg), "--output-dir", str(out), "--device", "cpu"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    cfg = write_tiny_config(root / "tiny.yaml", data, out, dset=True, augment=False,
+                            extra={"dset": {"patch_size": 2, "keep_ratio": 0.3, "token_pruning_warmup_epochs": 0,
+                                            "vis_interval": 1}})
+    proc = run_train(["-c", str(cfg)], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return cfg, out, proc.stdout
 
@@ -95,9 +60,8 @@ def test_tensorboard_has_every_loss_term_lr_grad_norm_and_the_dset_tags(tiny_run
 
 def test_test_only_on_the_checkpoint_reproduces_the_ap(tiny_run, tmp_path):
     cfg, out, _ = tiny_run
-    proc = subprocess.run([sys.executable, "train.py", "-c", str(cfg), "-r", str(out / "last.pth"), "--test-only",
-                           "--output-dir", str(tmp_path), "--device", "cpu"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = run_train(["-c", str(cfg), "-r", str(out / "last.pth"), "--test-only", "--output-dir", str(tmp_path)],
+                     timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = json.loads((out / "eval" / "0.json").read_text())
     again = json.loads((tmp_path / "eval" / "test.json").read_text())
