@@ -128,12 +128,12 @@ def test_detector_overfits_two_images_and_finds_their_boxes():
     first = None
     for step in range(200):
         loss = sum(criterion(model(images, targets), targets).values())
-        first = float(loss) if first is None else first
+        first = float(loss.detach()) if first is None else first
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
         opt.step()
-    last = float(loss)
+    last = float(loss.detach())
     assert last < first / 4, (first, last)
     model.eval()
     with torch.no_grad():
