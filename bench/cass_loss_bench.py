@@ -7,8 +7,8 @@ implementation would be). Default setting: batch 8, 10/50/200 boxes per image, f
 (w x h: input 1280 x 736 at stride 32), patch sizes 1 and 4, CPU and CUDA when available (the oracle is
 timed on CPU only; it builds its tensors there).
 
-    python bench/cass_loss_bench.py            # full table, about 1-2 minutes on a 2-core CPU
-    python bench/cass_loss_bench.py --quick    # fewer repeats, no 200-box row for the oracle
+    python -m bench.cass_loss_bench            # full table (run from the repo root), about 1-2 minutes on a 2-core CPU
+    python -m bench.cass_loss_bench --quick    # fewer repeats, no 200-box row for the oracle
 """
 import argparse
 import time
