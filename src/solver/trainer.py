@@ -483,7 +483,7 @@ class Trainer:
         if self.dset is not None:
             scalars.update(self._dset_scalars(outputs, targets, images))
         self.logger.scalars(scalars, self.global_step)
-        progress.update(i, loss=float(total), lr=self.optimizer.param_groups[0]["lr"], iter_time=iter_time)
+        progress.update(i, loss=float(total), lr=self.optimizer.param_groups[-1]["lr"], iter_time=iter_time)
 
     def _dset_scalars(self, outputs, targets, images) -> Dict[str, float]:
         out = {}
@@ -546,6 +546,13 @@ class Trainer:
 
     def _write_eval(self, stats: dict, epoch: int):
         print(format_table(stats))
+        bias = stats.get("dset_bias")
+        if bias:
+            groups = ("small", "medium", "large", "far", "near")
+            print("| DSET keep-recall | " + " | ".join(groups) + " |\n|---|" + "---:|" * len(groups))
+            for prefix, name in (("keep_recall", "pruner"), ("oracle_keep_recall", "oracle (top-K of target)")):
+                print(f"| {name} | " + " | ".join(f"{bias[f'{prefix}_{g}']:.3f}" for g in groups) + " |")
+            print(f"centroid shift dx {bias['centroid_dx']:+.4f}, dy {bias['centroid_dy']:+.4f} (dy < 0: mask drifts up)")
         scalars = {f"eval/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}
         for row in stats.get("per_class", []):
             scalars[f"eval_per_class/{row['name']}"] = row["AP"]
