@@ -94,15 +94,13 @@ def set_epoch_everywhere(model: nn.Module, epoch: int):
 def eval_scale_sizes(targets: List[dict], padded_hw) -> torch.Tensor:
     """Size of the padded canvas in ORIGINAL image pixels, per image: [B, 2] as (w, h).
 
-    Boxes come out normalised to the padded input; multiplying by this maps them to original pixels.
+    Boxes come out normalised to the padded input; multiplying by this maps them to original pixels:
+    ``padded * orig / resized`` per axis (``orig_size`` and ``size`` are (w, h) per target).
     """
     ph, pw = padded_hw
-    rows = []
-    for t in targets:
-        ow, oh = t["orig_size"].tolist()
-        sw, sh = t["size"].tolist()
-        rows.append([pw * ow / sw, ph * oh / sh])
-    return torch.tensor(rows, dtype=torch.float32)
+    orig = torch.stack([t["orig_size"] for t in targets]).float()
+    resized = torch.stack([t["size"] for t in targets]).float()
+    return orig * orig.new_tensor([pw, ph]) / resized
 
 
 class Trainer:
