@@ -4,6 +4,7 @@ from typing import Dict
 
 import torch
 import torch.distributed as tdist
+from torch import nn
 
 
 def is_dist_available_and_initialized() -> bool:
@@ -96,3 +97,10 @@ def mean_over_ranks(values: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     stacked = torch.stack([values[k].detach().float().reshape(()).to(device) if k in values
                            else torch.zeros((), device=device) for k in names])
     return dict(zip(names, all_reduce_mean(stacked).unbind(0)))
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model inside DistributedDataParallel / DataParallel wrappers."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model

@@ -17,14 +17,9 @@ from copy import deepcopy
 import torch
 import torch.nn as nn
 
+from src.misc.dist import unwrap_model  # re-exported: callers of the EMA use it
+
 __all__ = ["ModelEMA", "unwrap_model"]
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The bare model inside DistributedDataParallel / DataParallel wrappers."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
 
 
 class ModelEMA:

@@ -80,13 +80,9 @@ def may_skip_parameters(cfg) -> List[str]:
         if cfg.dset is not None else []
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
 def set_epoch_everywhere(model: nn.Module, epoch: int):
     """Tell epoch-dependent modules (pruner warmup) the epoch."""
-    for m in unwrap(model).modules():
+    for m in dist.unwrap_model(model).modules():
         if m is not model and hasattr(m, "set_epoch") and callable(m.set_epoch):
             m.set_epoch(epoch)
 
@@ -270,7 +266,7 @@ class Trainer:
         """Everything a resume needs; only tensors and plain containers (loads with weights_only=True)."""
         rng = get_rng_state()
         return {
-            "model": unwrap(self.model).state_dict(),
+            "model": dist.unwrap_model(self.model).state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
@@ -293,7 +289,7 @@ class Trainer:
             raise CheckpointError(f"{path} is a weights file, not a training checkpoint (no optimizer state): "
                                   f"use -t {path} to start a new run from its weights")
         try:
-            unwrap(self.model).load_state_dict(ckpt["model"])
+            dist.unwrap_model(self.model).load_state_dict(ckpt["model"])
             if self.ema and ckpt.get("ema"):
                 self.ema.load_state_dict(ckpt["ema"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -363,7 +359,7 @@ class Trainer:
     def _loss_dict(self, outputs, targets, images, epoch) -> Dict[str, torch.Tensor]:
         losses = self.criterion(outputs, targets, epoch=epoch)
         if self.dset is not None:
-            losses.update(dl.dset_losses(outputs, targets, images.shape[-2:], self.dset, epoch, unwrap(self.model)))
+            losses.update(dl.dset_losses(outputs, targets, images.shape[-2:], self.dset, epoch, dist.unwrap_model(self.model)))
         return losses
 
     def train_one_epoch(self, epoch: int):
@@ -385,7 +381,7 @@ class Trainer:
         n_done = 0
         # with skips allowed, a skipped step must also undo what its forward pass changed (BatchNorm running
         # statistics): keep a copy of the buffers (small: a few thousand numbers for R18)
-        buffers = [b for b in unwrap(model).buffers() if b.is_floating_point() or b.dtype == torch.long] \
+        buffers = [b for b in dist.unwrap_model(model).buffers() if b.is_floating_point() or b.dtype == torch.long] \
             if max_skips > 0 else []
         for i, (images, targets) in enumerate(itertools.islice(self.train_loader, self.iters_per_epoch)):
             saved_buffers = [b.clone() for b in buffers]
@@ -491,7 +487,7 @@ class Trainer:
             out["dset/kept_tokens"] = sum(float(x["num_kept_tokens"]) for x in infos)
             if self.dset["use_cass"]:
                 out.update(dl.cass_diagnostics(outputs, targets, images.shape[-2:], self.dset))
-        for k, v in dl.expert_usage(unwrap(self.model)).items():
+        for k, v in dl.expert_usage(dist.unwrap_model(self.model)).items():
             out[f"moe/{k}"] = v
         return out
 
@@ -511,7 +507,7 @@ class Trainer:
     def evaluate(self, epoch: int) -> dict:
         from src.zoo.rtdetr import cass
 
-        model = self.ema.module if self.ema else unwrap(self.model)
+        model = self.ema.module if self.ema else dist.unwrap_model(self.model)
         model.eval()
         # the pruning schedule of the evaluated weights: the epoch just trained, or for --test-only the
         # epoch of the resumed checkpoint (tuned weights without one: the schedule's end, i.e. keep_ratio)

@@ -56,7 +56,7 @@ def moe_balance_losses(model: nn.Module) -> Dict[str, Tensor]:
     parts: Dict[str, List[Tensor]] = {"encoder": [], "decoder": []}
     for name, module in model.named_modules():
         if isinstance(module, MoEFFN) and getattr(module, "last_aux", None) is not None:
-            part = "encoder" if ".encoder." in f".{name}." or name.startswith("encoder") else "decoder"
+            part = "encoder" if name.startswith("encoder.") else "decoder"
             parts[part].append(module.last_aux["balance_loss"])
     return {k: torch.stack(v).mean() for k, v in parts.items() if v}
 

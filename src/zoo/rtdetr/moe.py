@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+from src.nn.activation import get_activation
+
+_ACTIVATIONS = ("relu", "gelu", "silu")  # built with src.nn.activation.get_activation
 _EXPERT_PARAMS = (("w1", "linear1.weight"), ("b1", "linear1.bias"), ("w2", "linear2.weight"), ("b2", "linear2.bias"))
 
 
@@ -54,7 +56,7 @@ class MoEFFN(nn.Module):
         self.d_model, self.dim_feedforward = d_model, dim_feedforward
         self.num_experts, self.top_k, self.noise_std = num_experts, top_k, noise_std
         self.activation_name = activation
-        self.activation = _ACTIVATIONS[activation]
+        self.activation = get_activation(activation)
         self.dropout = nn.Dropout(dropout)
 
         self.gate = nn.Linear(d_model, num_experts)
