@@ -159,3 +159,11 @@ def test_dset_error_names_where_the_bad_value_was_set(tmp_path):
 
 def _rel(path, tmp_path):
     return os.path.relpath(os.path.abspath(path), str(tmp_path))
+
+
+def test_readme_lists_every_top_level_and_dataloader_key():
+    from src.core.config import DATALOADER_KEYS, GLOBAL_KEYS
+
+    text = open("README.md").read()
+    for key in list(GLOBAL_KEYS) + list(DATALOADER_KEYS):
+        assert f"| `{key}` |" in text, key
