@@ -6,7 +6,7 @@
     python train.py -c CONFIG -r output/run/best.pth --test-only
     torchrun --nproc_per_node 2 train.py -c CONFIG           # DDP (nccl on CUDA, gloo on CPU)
 
-Exit status: 0 done; 2 config or checkpoint error (the message names the key or file and the fix);
+Exit status: 0 done; 2 config, data or checkpoint error (the message names the key or file and the fix);
 3 stopped on a non-finite loss (the last good checkpoint is kept). See docs/reliability.md.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from src.core import ConfigError, YAMLConfig
+from src.core import ConfigError, DataError, YAMLConfig
 
 
 def parse_args(argv=None):
@@ -60,6 +60,9 @@ def main(argv=None) -> int:
             trainer.fit()
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except DataError as e:  # annotation json, image files: the message names the file and the image id
+        print(f"data error: {e}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     except CheckpointError as e:
         print(f"checkpoint error: {e}", file=sys.stderr)

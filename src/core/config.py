@@ -12,7 +12,7 @@ import importlib
 from typing import Any, Dict, Iterable
 
 from src.core import registry
-from src.core.yaml_utils import ConfigError, Origins, deep_merge, load_yaml_config, parse_overrides
+from src.core.yaml_utils import ConfigError, DataError, Origins, deep_merge, load_yaml_config, parse_overrides
 
 # Modules whose import registers components. Imported lazily so `src.core` stays light.
 COMPONENT_MODULES = (
@@ -215,7 +215,7 @@ class YAMLConfig:
         try:
             return cls(**kwargs)
         except (TypeError, ValueError, RuntimeError) as e:
-            if isinstance(e, ConfigError):
+            if isinstance(e, (ConfigError, DataError)):  # a data file's error names that file, not the YAML
                 raise
             files = sorted({f for k, f in self.origins.items() if k[:len(path)] == path}, reverse=True)
             raise ConfigError(f"{' and '.join(files) or self.path}: {'.'.join(map(str, path))}: building "
