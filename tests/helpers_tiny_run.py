@@ -108,7 +108,7 @@ def tiny_config_dict(data_root: Path, out_dir: Path, dset: bool = True, batch: i
         "seed": 0,
         "deterministic": True,
         "max_iters_per_epoch": None,
-        "eval_spatial_size": list(hw),
+        "input_size": list(hw),
         "use_ema": True,
         "ema": {"decay": 0.9, "warmups": 2},
         "clip_max_norm": 0.1,
