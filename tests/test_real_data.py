@@ -310,3 +310,26 @@ def test_every_header_is_checked_at_construction_in_parallel_and_the_error_lists
     msg = str(e.value)
     assert "2 of 80 images" in msg and "013.png' (image id 13) is missing" in msg
     assert "071.png' (image id 71) is 6x8 but the json says 8x6" in msg
+
+
+# ----------------------------------------------------------------------------- 11: data errors are not config errors
+def test_an_error_inside_the_annotation_json_is_a_data_error_naming_the_json_not_the_yaml(tmp_path, capsys):
+    import train
+    from src.core import ConfigError, YAMLConfig
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    bad = write_json(tmp_path / "instances_bad.json", [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}],
+                     [{"id": 1, "image_id": 1, "category_id": 77, "bbox": [1, 1, 5, 5]}])
+    paths = {"img_folder": str(tmp_path), "ann_file": bad}
+    cfg = YAMLConfig("configs/coco_custom_example.yaml", overrides={"train_dataloader": {"dataset": paths}})
+    with pytest.raises(AnnotationError) as e:
+        cfg.build_spec(cfg["train_dataloader"]["dataset"], ("train_dataloader", "dataset"))
+    assert not isinstance(e.value, ConfigError) and "instances_bad.json" in str(e.value)
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(json.dumps({"__include__": [os.path.abspath("configs/coco_custom_example.yaml")],
+                                    "output_dir": str(tmp_path / "out"), "input_size": [64, 64],
+                                    "train_dataloader": {"dataset": paths}, "val_dataloader": {"dataset": paths}}))
+    assert train.main(["-c", str(cfg_file), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("data error: ") and "instances_bad.json" in err and "category_id 77" in err
+    assert "config error" not in err and "run.yaml" not in err
