@@ -102,7 +102,7 @@ def eval_scale_sizes(targets: List[dict], padded_hw) -> torch.Tensor:
 class Trainer:
     def __init__(self, cfg: YAMLConfig, device: str = "cpu", output_dir: str | None = None,
                  seed: int | None = None, use_amp: bool | None = None, resume: str | None = None,
-                 tuning: str | None = None, trusted_checkpoint: bool = False):
+                 tuning: str | None = None, trusted_checkpoint: bool = False, test_only: bool = False):
         self.cfg = cfg
         self.distributed = dist.init_distributed(device)
         if self.distributed and str(device).startswith("cuda"):
@@ -114,6 +114,7 @@ class Trainer:
         self.resume_path = resume
         self.tuning_path = tuning or cfg.get("tuning")
         self.trusted = trusted_checkpoint
+        self.test_only = test_only  # only changes what a resume prints
         self.epochs = int(cfg.get("epochs", 1))
         self.print_freq = int(cfg.get("print_freq", 50))
         self.dset = cfg.dset
@@ -306,7 +307,8 @@ class Trainer:
         self.last_saved_epoch = int(ckpt["epoch"])
         self._restore_rng(ckpt, path)
         if self.is_main:
-            print(f"[resume] {path}: continuing at epoch {self.start_epoch}, step {self.global_step}")
+            print(f"[resume] {path}: evaluating the weights of epoch {self.start_epoch - 1}" if self.test_only else
+                  f"[resume] {path}: continuing at epoch {self.start_epoch}, step {self.global_step}")
 
     def _restore_rng(self, ckpt: dict, path: str):
         """Each rank continues its own RNG streams; with another number of processes they are re-seeded."""
