@@ -10,21 +10,12 @@ import train
 from helpers_tiny_run import make_tiny_dataset, write_tiny_config
 from src.core import YAMLConfig
 from src.solver.trainer import Trainer
+from test_reliability import _restore_torch_determinism  # noqa: F401  (autouse: in-process trainers set torch flags)
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     return make_tiny_dataset(tmp_path_factory.mktemp("guard_data"), num_train=2, num_val=1)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    flag, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(flag, warn_only=warn_only)
 
 
 def _config(tmp_path, data_root, **extra):
