@@ -62,39 +62,6 @@ def check_output_dir(output_dir: str, args) -> None:
                           f"new one with --output-dir NEW_DIR, or pass --overwrite to replace it")
 
 
-def check_training_data(trainer, cfg) -> None:
-    """Refuse, before the first step, a training set that would train on nothing."""
-    loader = trainer.train_loader
-    if loader is None:
-        return
-    dataset = loader.dataset
-    where = cfg.where(("train_dataloader",))
-    if not getattr(dataset, "labelled", True):
-        raise ConfigError(f"{where}: {getattr(dataset, 'ann_file', 'the dataset')} has no annotations "
-                          f"(allow_unlabelled: true): an unlabelled set cannot be trained on")
-    if len(loader) == 0:
-        raise ConfigError(f"{where}: the training set has {len(dataset)} image(s) per process, fewer than one batch "
-                          f"of {loader.batch_size} with drop_last: true, so an epoch would have no step. Lower "
-                          f"total_batch_size or set drop_last: false")
-    if getattr(dataset, "box_stats", {}).get("kept", 1) == 0:
-        raise ConfigError(f"{where}: {getattr(dataset, 'ann_file', '')} has no usable box (box_stats "
-                          f"{dataset.box_stats}): training would learn nothing")
-
-
-def resume_mismatch_details(cfg, path: str, trusted: bool) -> str:
-    """For a -r checkpoint that does not fit the model: which tensors, with both shapes."""
-    from src.misc.checkpoint import describe_mismatch, extract_state_dict, load_checkpoint
-
-    try:
-        details = describe_mismatch(cfg.model.state_dict(), extract_state_dict(load_checkpoint(path, trusted=trusted)))
-    except Exception:  # the explanation is best effort; the original error is reported anyway
-        return ""
-    if not details:
-        return ""
-    return (f"\n{details}\nTo start a new run from these weights (tensors of another shape are re-initialised, e.g. "
-            f"for another num_classes) use -t {path} instead of -r")
-
-
 def main(argv=None) -> int:
     import torch
 
@@ -113,7 +80,6 @@ def main(argv=None) -> int:
         if args.test_only:
             trainer.evaluate_only()
         else:
-            check_training_data(trainer, cfg)
             trainer.fit()
     except KeyboardInterrupt:
         print(interrupted_message(args, cfg, trainer), file=sys.stderr)
@@ -125,9 +91,7 @@ def main(argv=None) -> int:
         print(f"data error: {e}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     except CheckpointError as e:
-        details = resume_mismatch_details(cfg, args.resume, args.trust_checkpoint) \
-            if args.resume and "does not match" in str(e) else ""
-        print(f"checkpoint error: {e}{details}", file=sys.stderr)
+        print(f"checkpoint error: {e}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     except NotACheckpointError as e:  # random bytes, a truncated copy: no flag can load it
         print(f"checkpoint error: {e}", file=sys.stderr)

@@ -75,9 +75,9 @@ def test_resume_with_another_num_classes_names_the_tensors_and_shapes_and_points
     ckpt = str(tmp_path / "a" / "last.pth")
     rc = train.main(["-c", cfg, "--device", "cpu", "-r", ckpt, "-u", "num_classes=7", "--output-dir", str(tmp_path / "b")])
     err = capsys.readouterr().err
-    assert rc == 2 and "does not match the run" in err
+    assert rc == 2 and "does not match the model built from the config" in err
     assert "decoder.denoising_class_embed.weight: [6, 64] vs [8, 64]" in err  # num_classes + 1 rows
-    assert "score_head" in err and "another num_classes" in err and f"use -t {ckpt} instead of -r" in err
+    assert "score_head" in err and "another num_classes" in err and f"with -t {ckpt}" in err
 
     # --test-only on the matching checkpoint evaluates it and does not claim to continue training
     rc = train.main(["-c", cfg, "--device", "cpu", "-r", ckpt, "--test-only", "--output-dir", str(tmp_path / "c")])
