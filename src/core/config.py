@@ -40,7 +40,7 @@ GLOBAL_KEYS: Dict[str, str] = {
     "criterion": "name of the registered criterion component",
     "postprocessor": "name of the registered postprocessor component",
     "num_classes": "number of object classes (shared with components that declare it)",
-    "input_size": "[h, w] network input size (multiples of 32): fills eval_spatial_size and every train/val Resize size",
+    "input_size": "[h, w] network input size (multiples of 32 avoid padding): fills eval_spatial_size and every train/val Resize size",
     "eval_spatial_size": "[h, w] evaluation input size (anchors are precomputed for it); set by input_size",
     "use_focal_loss": "sigmoid/focal classification (shared)",
     "train_dataloader": "training data loader (see DATALOADER_KEYS)",

@@ -9,7 +9,8 @@ anchors and position embeddings the model precomputes). ``apply_input_size`` fil
 * a place that gives the same size is fine;
 * a place that gives another size is an error naming both files, so two sizes can never silently differ.
 
-Without ``input_size`` nothing changes (``eval_spatial_size`` and every ``Resize.size`` must be given).
+Sides that are not multiples of 32 (the largest stride) are allowed: the collate pads inputs to a multiple
+of 32, so the model then sees the padded size. Without ``input_size`` nothing changes (``eval_spatial_size`` and every ``Resize.size`` must be given).
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from typing import Callable, List, Tuple
 from src.core.yaml_utils import ConfigError, Origins
 
 INPUT_SIZE_KEY = "input_size"
-STRIDE = 32  # the collate pads to a multiple of 32; the backbone's largest stride
 LOADERS = ("train_dataloader", "val_dataloader")
 
 
@@ -38,10 +38,6 @@ def check_input_size(value, where: str) -> List[int]:
     if (not isinstance(value, (list, tuple)) or len(value) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
         raise ConfigError(f"{where} = {value!r}: must be [height, width], two positive integers")
-    if any(v % STRIDE for v in value):
-        raise ConfigError(f"{where} = {list(value)}: both sides must be multiples of {STRIDE} (the collate pads "
-                          f"inputs to a multiple of {STRIDE}, so another size would not be the size the model "
-                          f"sees); e.g. {[max(STRIDE, round(v / STRIDE) * STRIDE) for v in value]}")
     return [int(v) for v in value]
 
 
