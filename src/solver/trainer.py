@@ -528,7 +528,8 @@ class Trainer:
                 for info in outputs["dset_prune_info"]:
                     stats = cass.keep_bias_stats(info["patch_importance_scores"], gt, info["feat_shape"],
                                                  images.shape[-2:], self.dset["patch_size"],
-                                                 self.dset["keep_ratio"], cfg, min_patches=self.dset["min_patches"])
+                                                 self.dset["keep_ratio"], cfg, min_patches=self.dset["min_patches"],
+                                                 level=cass.level_name(info["feat_shape"], images.shape[-2:]))
                     for k, v in stats.items():
                         bias_sums[k] = bias_sums.get(k, 0) + dist.all_reduce_sum(v.detach().double())
         stats = evaluator.summarize()
@@ -539,6 +540,8 @@ class Trainer:
         return stats
 
     def _write_eval(self, stats: dict, epoch: int):
+        from src.zoo.rtdetr import cass
+
         print(format_table(stats))
         bias = stats.get("dset_bias")
         if bias:
@@ -551,7 +554,7 @@ class Trainer:
         for row in stats.get("per_class", []):
             scalars[f"eval_per_class/{row['name']}"] = row["AP"]
         for k, v in (stats.get("dset_bias") or {}).items():
-            scalars[f"eval_bias/{k}"] = v
+            scalars[f"eval_bias/{cass.bias_tag(k)}"] = v   # per level: eval_bias/P4/keep_recall_small
         # undefined metrics (e.g. AP_large without large objects) are NaN: kept in the json, not plotted
         scalars = {k: v for k, v in scalars.items() if not (isinstance(v, float) and math.isnan(v))}
         self.logger.scalars(scalars, self.global_step)
