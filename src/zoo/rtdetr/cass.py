@@ -11,7 +11,8 @@ from src.zoo.rtdetr.cass_losses import (LossPolynomial, cass_loss, cass_loss_are
                                         cass_loss_patch, loss_polynomial, per_object_loss_sums,
                                         per_object_mean_loss, per_patch_loss, spatial_smoothness)
 from src.zoo.rtdetr.cass_metrics import (LEVEL_SEP, bias_tag, cass_spatial_stats,  # noqa: F401
-                                         finalize_keep_bias, keep_bias_stats, keep_count, level_name)
+                                         finalize_keep_bias, keep_bias_stats, keep_count, level_name,
+                                         top_k_mask)
 from src.zoo.rtdetr.cass_targets import (DECAY_TYPES, LARGE_AREA, LOSS_TYPES, NORMALIZATIONS,  # noqa: F401
                                          REGIONS, SIZE_BUCKETS, SMALL_AREA, CASSConfig, box_area_fraction,
                                          boxes_to_cells, core_masks, generate_soft_target_mask,

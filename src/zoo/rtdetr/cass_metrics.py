@@ -64,7 +64,7 @@ def keep_count(num_patches: int, keep_ratio: float, min_patches: int = 1) -> int
     return min(num_patches, max(int(min_patches), math.ceil(round(keep_ratio * num_patches, 9))))
 
 
-def _top_k_mask(scores: Tensor, k: int) -> Tensor:
+def top_k_mask(scores: Tensor, k: int) -> Tensor:
     """bool [B, P], True on each row's k highest scores; ties go to the lower patch index (stable sort)."""
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
@@ -102,7 +102,7 @@ def keep_bias_stats(logits, gt_bboxes, feat_shape, img_shape, patch_size, keep_r
     region = ((boxes[:, 1] + boxes[:, 3]) / 2 >= H / 2).long()   # 0 far (top half), 1 near
     stats = {}
     for prefix, scores in (('keep_recall', z), ('oracle_keep_recall', target)):
-        kept = _top_k_mask(scores, k).to(z.dtype)
+        kept = top_k_mask(scores, k).to(z.dtype)
         recall = per_box_dot(core, batch_idx, kept) / core_count.clamp(min=1)
         for names, group in ((SIZE_BUCKETS, bucket), (REGIONS, region)):
             sums, counts = _bucket_sums(recall, group, has_core, len(names))
