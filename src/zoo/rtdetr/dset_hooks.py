@@ -84,7 +84,8 @@ class DSETHook(TrainHook):
         for info in infos:
             stats = cass.keep_bias_stats(info["patch_importance_scores"], gt, info["feat_shape"], images.shape[-2:],
                                          self.dset["patch_size"], self.dset["keep_ratio"], cfg,
-                                         min_patches=self.dset["min_patches"])
+                                         min_patches=self.dset["min_patches"],
+                                         level=cass.level_name(info["feat_shape"], images.shape[-2:]))
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0) + v.detach().double()
         return sums
@@ -93,7 +94,8 @@ class DSETHook(TrainHook):
         return {"dset_bias": cass.finalize_keep_bias(sums)} if sums else {}
 
     def eval_scalars(self, stats) -> Dict[str, float]:
-        return {f"eval_bias/{k}": v for k, v in (stats.get("dset_bias") or {}).items()}
+        # per level: eval_bias/P4/keep_recall_small next to the pooled eval_bias/keep_recall_small
+        return {f"eval_bias/{cass.bias_tag(k)}": v for k, v in (stats.get("dset_bias") or {}).items()}
 
     def eval_report(self, stats) -> str:
         bias = stats.get("dset_bias")
