@@ -1,10 +1,17 @@
 """One optimisation step of the trainer and its non-finite handling.
 
-``train_step(trainer, images, targets, epoch, i)`` runs forward (under autocast when AMP is on), the loss
-(criterion + the hooks' extra losses, in float32), the scaled backward, unscale, clipping, and ONE
-all-reduced flag that tells every rank whether the step is bad; then either the optimizer / scaler / EMA
-step, or the skip (``handle_nonfinite``: counted, buffers restored, or NonFiniteLossError once the allowed
-skips are used up). Every rank takes the same branch, so none waits in a collective the others skip.
+``train_step(trainer, images, targets, epoch, i)`` runs forward (under autocast in ``amp_dtype`` when AMP is
+on, on CUDA and CPU alike), the loss (criterion + the hooks' extra losses, in float32), the scaled backward,
+unscale, clipping, and ONE all-reduce of two flags that tells every rank whether the step is bad and whether
+the float16 GradScaler overflowed; then one of three branches, the same on every rank, so none waits in a
+collective the others skip:
+
+* applied: optimizer step through the scaler, EMA update;
+* AMP overflow (scaled gradients not finite, float16 only): the scaler skips the update and lowers its
+  scale, as GradScaler intends; counted in ``trainer.amp_overflow_steps``; the EMA is not updated and the
+  (non-finite) gradient norm is not reported;
+* non-finite loss or (without a scaler) gradient: ``handle_nonfinite`` counts it, restores the buffers, or
+  raises NonFiniteLossError once the allowed skips are used up.
 """
 from __future__ import annotations
 
@@ -24,7 +31,8 @@ class StepResult(NamedTuple):
     outputs: dict
     losses: Dict[str, torch.Tensor]
     total: torch.Tensor
-    grad_norm: torch.Tensor
+    grad_norm: torch.Tensor | None  # None when the step overflowed under AMP (the norm is inf/NaN)
+    overflow: bool = False
 
 
 def skip_buffers(model, max_skips: int) -> List[torch.Tensor]:
@@ -47,7 +55,7 @@ def train_step(tr, images, targets, epoch: int, i: int, buffers: List[torch.Tens
     """One step on every rank; returns None when the step was skipped (every rank skips together)."""
     model = tr.model
     saved_buffers = [b.clone() for b in buffers]
-    with torch.autocast(device_type=tr.device.type, enabled=tr.use_amp):
+    with torch.autocast(device_type=tr.device.type, dtype=tr.amp_dtype, enabled=tr.use_amp):
         outputs = model(images, targets)
     with torch.autocast(device_type=tr.device.type, enabled=False):
         losses = loss_dict(tr, outputs, targets, images, epoch)
@@ -59,12 +67,13 @@ def train_step(tr, images, targets, epoch: int, i: int, buffers: List[torch.Tens
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = (torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0
                  else torch.nn.utils.get_total_norm([p.grad for p in params]))
-    # one flag for all ranks (one sync per step): every rank skips or stops together instead of hanging.
-    # Under AMP an inf gradient is the GradScaler's business (it skips the step and lowers the scale).
-    bad = ~torch.isfinite(total.detach())
-    if not tr.use_amp:
-        bad = bad | ~torch.isfinite(grad_norm)
-    if dist.all_reduce_sum(bad.float()) > 0:
+    # one all-reduce for all ranks (one sync per step): every rank skips or stops together instead of hanging.
+    # With a GradScaler (float16) an inf gradient is the scaler's business: it skips the step, lowers the scale.
+    grad_bad = ~torch.isfinite(grad_norm)
+    scaled = tr.scaler.is_enabled()
+    bad = ~torch.isfinite(total.detach()) | (grad_bad & (not scaled))
+    n_bad, n_overflow = dist.all_reduce_sum(torch.stack([bad, grad_bad & scaled]).float()).tolist()
+    if n_bad > 0:
         handle_nonfinite(tr, losses, total, grad_norm, epoch, i, max_skips)
         with torch.no_grad():
             for b, saved in zip(buffers, saved_buffers):
@@ -75,13 +84,16 @@ def train_step(tr, images, targets, epoch: int, i: int, buffers: List[torch.Tens
         tr.global_step += 1
         return None
 
-    tr.scaler.step(tr.optimizer)
+    tr.scaler.step(tr.optimizer)  # skips optimizer.step when the scaled gradients overflowed
     tr.scaler.update()
-    if tr.ema:
+    overflow = n_overflow > 0
+    if overflow:
+        tr.amp_overflow_steps += 1
+    elif tr.ema:
         tr.ema.update(model)
     tr.lr_scheduler.step()
     tr.global_step += 1
-    return StepResult(outputs, losses, total, grad_norm)
+    return StepResult(outputs, losses, total, None if overflow else grad_norm, overflow)
 
 
 def handle_nonfinite(tr, losses, total, grad_norm, epoch, i, max_skips):
@@ -92,7 +104,7 @@ def handle_nonfinite(tr, losses, total, grad_norm, epoch, i, max_skips):
     local = [f"{k}={float(v.detach())}" for k, v in losses.items() if not torch.isfinite(v).all()]
     if not local and not torch.isfinite(total):
         local = [f"the sum of the loss terms={float(total.detach())} (every term finite)"]
-    if not local and not tr.use_amp and not torch.isfinite(grad_norm):
+    if not local and not tr.scaler.is_enabled() and not torch.isfinite(grad_norm):
         local = [f"gradient norm={float(grad_norm)} (loss terms finite: the backward pass produced NaN/inf)"]
     per_rank = dist.all_gather_object(local)
     bad = [f"{term} (rank {r})" if len(per_rank) > 1 else term for r, terms in enumerate(per_rank) for term in terms]
