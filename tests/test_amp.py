@@ -15,23 +15,13 @@ import torch
 from src.core import YAMLConfig
 from src.core.yaml_utils import ConfigError
 from src.solver.trainer import Trainer
+from tests.helpers_tiny_run import one_thread_restored_torch_flags  # noqa: F401 (autouse fixture)
 from tests.helpers_tiny_run import make_tiny_dataset, read_scalars, write_tiny_config
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     return make_tiny_dataset(tmp_path_factory.mktemp("amp_data"), num_train=8, num_val=2)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_and_restore_flags():
-    flag, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    rng, threads = torch.get_rng_state(), torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(flag, warn_only=warn_only)
-    torch.set_rng_state(rng)
 
 
 def tiny_trainer(tmp_path, data_root, overrides=None, **kwargs) -> Trainer:
