@@ -76,7 +76,7 @@ DATALOADER_KEYS = {
     "num_workers": "loader worker processes",
     "drop_last": "drop the last incomplete batch",
     "collate_fn": "{type: BatchImageCollateFunction, ...}",
-    "pin_memory": "pin host memory",
+    "pin_memory": "pin host memory (default: true on CUDA, false on CPU)",
 }
 
 # Sections validated by their own builders (src/optim) at build time, before training starts.

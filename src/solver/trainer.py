@@ -97,7 +97,7 @@ class Trainer:
         check_loss_weights(cfg, self.criterion)
         self.postprocessor = self._build("postprocessor", lambda: cfg.postprocessor).to(self.device)
 
-        loaders = {key: build_loader(cfg, key, train=key.startswith("train"), seed=self.seed) if key in cfg else None
+        loaders = {key: build_loader(cfg, key, key.startswith("train"), self.seed, self.device) if key in cfg else None
                    for key in ("train_dataloader", "val_dataloader")}
         self.train_loader, self.val_loader = loaders["train_dataloader"], loaders["val_dataloader"]
         check_num_classes(cfg, loaders.values())
@@ -199,7 +199,8 @@ class Trainer:
         buffers = skip_buffers(model, max_skips)
         for i, (images, targets) in enumerate(itertools.islice(self.train_loader, self.iters_per_epoch)):
             images = images.to(self.device, non_blocking=True)
-            targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+            targets = [{k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+                       for t in targets]
             step = train_step(self, images, targets, epoch, i, buffers, clip, max_skips)
             if step is None:
                 continue
