@@ -229,6 +229,8 @@ class Trainer:
         if self.scaler.is_enabled():
             scalars["train/amp_overflow_steps"] = self.amp_overflow_steps
             scalars["train/amp_scale"] = self.scaler.get_scale()
+        if self.device.type == "cuda":
+            scalars["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         for g in self.optimizer.param_groups:
             scalars[f"lr/{g.get('name', 'group')}"] = g["lr"]
         for hook in self.hooks:
