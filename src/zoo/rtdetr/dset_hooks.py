@@ -45,7 +45,24 @@ class DSETHook(TrainHook):
         self.dset = dset
 
     def unused_parameter_reasons(self) -> List[str]:
-        return ["DSET token pruner (no gradient while pruning warms up or without CASS / straight-through gate)"]
+        """When the pruner's scorer can get no gradient in a step (DDP then needs find_unused_parameters).
+
+        The scorer computes every level's patch logits in every step (warmup and kept-everything levels
+        included). With CASS on, the CASS loss on those logits reaches the scorer in every step (a zero
+        weight during cass_warmup_epochs or a batch without boxes still back-propagates zeros, and DDP only
+        asks that every parameter gets a gradient). Without CASS only the straight-through gate reaches it,
+        and only in steps that prune: never during token_pruning_warmup_epochs or with keep_ratio 1 (nor
+        with the gate off). Everything else of DSET (routers, stacked experts) is used in every step.
+        Without CASS, a level so small that every patch is kept anyway (P <= min_patches) leaves it unused
+        too: set ``find_unused_parameters: true`` for such tiny inputs.
+        """
+        d = self.dset
+        if d["use_cass"]:
+            return []
+        if d["straight_through_gate"] and d["token_pruning_warmup_epochs"] == 0 and d["keep_ratio"] < 1:
+            return []
+        return ["DSET token pruner without CASS: its scorer gets a gradient only through the straight-through gate "
+                "in steps that prune (not during token_pruning_warmup_epochs, with keep_ratio 1 or the gate off)"]
 
     def extra_losses(self, outputs, targets, images, epoch, model) -> Dict[str, Tensor]:
         return dl.dset_losses(outputs, targets, images.shape[-2:], self.dset, epoch, model)
