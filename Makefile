@@ -19,7 +19,7 @@ data: $(STAMP)
 	  $(VPY) tools/make_synthetic_roadside.py --out dataset/roadside_synth --num-train 48 --num-val 16 --seed 0
 
 demo: data
-	$(VPY) train.py -c configs/demo_cpu.yaml --output-dir output/demo
+	$(VPY) train.py -c configs/demo_cpu.yaml --output-dir output/demo --overwrite
 
 test: $(STAMP)
 	$(VPY) -m pytest -q tests

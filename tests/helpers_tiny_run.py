@@ -110,7 +110,7 @@ def tiny_config_dict(data_root: Path, out_dir: Path, dset: bool = True, batch: i
         "deterministic": True,
         "use_amp": False,  # the COCO recipe turns float16 AMP on; the tiny runs test fp32 unless they ask
         "max_iters_per_epoch": None,
-        "eval_spatial_size": list(hw),
+        "input_size": list(hw),
         "use_ema": True,
         "ema": {"decay": 0.9, "warmups": 2},
         "clip_max_norm": 0.1,

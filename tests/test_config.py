@@ -1,4 +1,5 @@
 """Config composition, overrides and validation errors (issue 'pipeline', 'reliability')."""
+import json
 import os
 import textwrap
 
@@ -190,12 +191,69 @@ def _rel(path, tmp_path):
     return os.path.relpath(os.path.abspath(path), str(tmp_path))
 
 
-def test_readme_lists_every_top_level_and_dataloader_key():
+def test_readme_lists_every_top_level_dataloader_and_dataset_key():
     from src.core import registry
     from src.core.config import DATALOADER_KEYS, GLOBAL_KEYS, import_components
+    from src.data.coco_dataset import CocoDetection
 
     import_components()
     text = open("README.md").read()
     assert "dset" in registry.sections()  # registered by the model side (src/zoo/rtdetr/dset_config.py)
-    for key in list(GLOBAL_KEYS) + list(registry.sections()) + list(DATALOADER_KEYS):
+    for key in (list(GLOBAL_KEYS) + list(registry.sections()) + list(DATALOADER_KEYS)
+                + list(registry.constructor_params(CocoDetection))):
         assert f"| `{key}` |" in text, key
+
+
+# ----------------------------------------------------------------------------- input_size (one key)
+def _resize_sizes(cfg):
+    from src.core.input_size import resize_ops
+    return [op["size"] for _, op in resize_ops(cfg.yaml_cfg)]
+
+
+def test_input_size_sets_both_resize_ops_and_eval_spatial_size():
+    cfg = YAMLConfig("configs/dset4_r18_synth_cpu.yaml", overrides=["input_size=[160, 256]"])
+    assert cfg["eval_spatial_size"] == [160, 256]
+    assert _resize_sizes(cfg) == [[160, 256], [160, 256]]  # train and val
+    ref = YAMLConfig("configs/rtdetrv2_r18vd_coco.yaml")
+    assert ref["eval_spatial_size"] == [640, 640] and _resize_sizes(ref) == [[640, 640], [640, 640]]
+
+
+def test_an_explicit_size_that_differs_from_input_size_is_an_error_naming_both_files(tmp_path):
+    bad = tmp_path / "bad_size.yaml"
+    bad.write_text("__include__: ['%s']\neval_spatial_size: [320, 320]\n" % _rel("configs/demo_cpu.yaml", tmp_path))
+    with pytest.raises(ConfigError, match=r"bad_size\.yaml: eval_spatial_size = \[320, 320\] differs from "
+                                          r"input_size = \[288, 512\] \(.*dset4_r18_synth_cpu\.yaml: input_size\)"):
+        YAMLConfig(str(bad))
+    with pytest.raises(ConfigError, match=r"val_dataloader\.dataset\.transforms\.ops\.0\.size = \[64, 64\] differs"):
+        YAMLConfig("configs/demo_cpu.yaml", overrides={"val_dataloader": {"dataset": {"transforms": {
+            "ops": [{"type": "Resize", "size": [64, 64]}, {"type": "ConvertPILImage"}]}}}})
+    same = YAMLConfig("configs/demo_cpu.yaml", overrides=["eval_spatial_size=[288, 512]"])
+    assert same["eval_spatial_size"] == [288, 512]
+
+
+@pytest.mark.parametrize("value, match", [("[640]", "two positive integers"), ("[640, 0]", "two positive"),
+                                          ("[630, 640]", r"multiples of 32.*\[640, 640\]")])
+def test_invalid_input_size_is_an_error_naming_the_key(value, match):
+    with pytest.raises(ConfigError, match=r"command line \(-u\): input_size = .*" + match):
+        YAMLConfig("configs/demo_cpu.yaml", overrides=[f"input_size={value}"])
+
+
+def test_readme_coco_example_is_the_config_file_and_it_parses_and_builds_on_a_coco_json(tmp_path):
+    from PIL import Image
+
+    text = open("README.md").read()
+    body = "".join(line for line in open("configs/coco_custom_example.yaml") if not line.startswith("#"))
+    assert "\n".join("  " + l if l else "" for l in body.strip("\n").split("\n")) in text
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (96, 64)).save(tmp_path / "images" / "a.jpg")
+    (tmp_path / "ann.json").write_text(json.dumps({
+        "images": [{"id": 0, "file_name": "a.jpg", "width": 96, "height": 64}],
+        "annotations": [{"id": 0, "image_id": 0, "category_id": 5, "bbox": [10, 10, 30, 20]}],
+        "categories": [{"id": 5, "name": "a"}, {"id": 9, "name": "b"}, {"id": 11, "name": "c"}]}))
+    paths = {"img_folder": str(tmp_path / "images"), "ann_file": str(tmp_path / "ann.json")}
+    cfg = YAMLConfig("configs/coco_custom_example.yaml", overrides={
+        "train_dataloader": {"dataset": paths}, "val_dataloader": {"dataset": paths}})
+    assert cfg["eval_spatial_size"] == [640, 640] and cfg["num_classes"] == 3
+    ds = cfg.build_spec(cfg["train_dataloader"]["dataset"], ("train_dataloader", "dataset"))
+    image, target = ds[0]
+    assert tuple(image.shape) == (3, 640, 640) and target["labels"].tolist() == [0]

@@ -313,43 +313,83 @@ def test_images_without_boxes_are_kept(tmp_path):
     assert ds[0][1]["labels"].dtype == torch.int64
 
 
-def test_missing_image_error_names_file_and_image_id(tmp_path):
+def test_missing_image_is_an_error_at_construction_naming_file_and_image_id(tmp_path):
     img_dir, ann = write_coco(tmp_path, [img_entry(1), img_entry(2)], [], CATS_3_7_42)
     os.remove(os.path.join(img_dir, "002.jpg"))
-    ds = CocoDetection(img_dir, ann)
-    with pytest.raises(CorruptImageError, match=r"002\.jpg.*image id 2.*missing"):
-        ds[1]
+    with pytest.raises(CorruptImageError, match=r"1 of 2 images(.|\n)*002\.jpg' \(image id 2\) is missing"):
+        CocoDetection(img_dir, ann)
 
 
-def test_corrupt_image_error_names_file_and_image_id(tmp_path):
+def test_unreadable_image_is_an_error_at_construction_naming_file_and_image_id(tmp_path):
     img_dir, ann = write_coco(tmp_path, [img_entry(1), img_entry(2)], [], CATS_3_7_42)
     with open(os.path.join(img_dir, "001.jpg"), "wb") as f:
         f.write(b"\xff\xd8\xff not a jpeg")
-    with pytest.raises(CorruptImageError, match=r"001\.jpg.*image id 1.*cannot be decoded"):
-        CocoDetection(img_dir, ann)[0]
+    with pytest.raises(CorruptImageError, match=r"001\.jpg' \(image id 1\) cannot be read"):
+        CocoDetection(img_dir, ann)
 
 
-def test_skip_corrupt_returns_next_readable_image_and_counts(tmp_path, caplog):
-    images = [img_entry(1), img_entry(2), img_entry(3)]
-    anns = [ann_entry(1, 3, 3, (1, 1, 10, 10))]
+def test_image_check_at_construction_is_header_only_and_deferred_check_still_catches_it(tmp_path):
+    img_dir, ann = write_coco(tmp_path, [img_entry(1), img_entry(2)], [], CATS_3_7_42)
+    os.remove(os.path.join(img_dir, "002.jpg"))
+    ds = CocoDetection(img_dir, ann, check_images=False)
+    assert ds[0][0].shape == (3, 48, 64)
+    with pytest.raises(CorruptImageError, match=r"002\.jpg.*image id 2.*missing.*skip_corrupt: true"):
+        ds[1]
+
+
+def test_truncated_jpeg_passes_the_header_check_and_fails_at_load_naming_file_id_and_truncation(tmp_path):
+    img_dir, ann = write_coco(tmp_path, [img_entry(1, w=64, h=48)], [], CATS_3_7_42)
+    path = os.path.join(img_dir, "001.jpg")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(path, quality=95)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])  # header intact, half the scan data gone
+    ds = CocoDetection(img_dir, ann)  # the header is fine
+    with pytest.raises(CorruptImageError, match=r"001\.jpg.*image id 1.*cannot be decoded \(the file is truncated\)"):
+        ds[0]
+
+
+def test_skip_corrupt_leaves_bad_images_out_at_start_and_warns_without_the_skip_advice(tmp_path, caplog):
+    images = [img_entry(1), img_entry(2), img_entry(3), img_entry(4)]
+    anns = [ann_entry(1, 3, 3, (1, 1, 10, 10)), ann_entry(2, 2, 7, (1, 1, 10, 10))]
     img_dir, ann = write_coco(tmp_path, images, anns, CATS_3_7_42)
     open(os.path.join(img_dir, "001.jpg"), "wb").write(b"garbage")
     os.remove(os.path.join(img_dir, "002.jpg"))
+    Image.new("RGB", (10, 10)).save(os.path.join(img_dir, "004.jpg"))  # size differs from the json
+    with caplog.at_level(logging.WARNING, logger="src.data.coco_dataset"):
+        ds = CocoDetection(img_dir, ann, skip_corrupt=True)
+    assert len(ds) == 1 and ds.image_ids == [3]
+    assert [p["image_id"] for p in ds.skipped_at_start] == [1, 2, 4]
+    assert ds[0][1]["labels"].tolist() == [0] and ds.box_stats["kept"] == 1  # image 2's annotation went too
+    text = caplog.text
+    assert "skip_corrupt is on: leaving out 3 of 4 images" in text
+    assert "001.jpg" in text and "002.jpg" in text and "004.jpg" in text
+    assert "set skip_corrupt" not in text
+
+
+def test_skip_corrupt_at_load_returns_next_readable_image_counts_and_warns_without_the_advice(tmp_path, caplog):
+    images = [img_entry(1), img_entry(2), img_entry(3)]
+    anns = [ann_entry(1, 3, 3, (1, 1, 10, 10))]
+    img_dir, ann = write_coco(tmp_path, images, anns, CATS_3_7_42)
     ds = CocoDetection(img_dir, ann, skip_corrupt=True)
+    open(os.path.join(img_dir, "001.jpg"), "wb").write(b"garbage")  # broken after construction
+    os.remove(os.path.join(img_dir, "002.jpg"))
     with caplog.at_level(logging.WARNING, logger="src.data.coco_dataset"):
         _, t = ds[0]
     assert t["image_id"] == 3 and t["labels"].tolist() == [0]
     assert ds.num_skipped == 2
     assert "001.jpg" in caplog.text and "002.jpg" in caplog.text
+    assert "skip_corrupt is on: skipping" in caplog.text and "set skip_corrupt" not in caplog.text
     assert ds[1][1]["image_id"] == 3 and ds.num_skipped == 3
     assert ds[0][1]["image_id"] == 3  # deterministic
 
 
-def test_image_size_mismatch_with_json_is_an_error(tmp_path):
+def test_image_size_mismatch_with_json_is_an_error_at_construction(tmp_path):
     img_dir, ann = write_coco(tmp_path, [img_entry(1, w=64, h=48)], [], CATS_3_7_42)
     Image.new("RGB", (32, 32)).save(os.path.join(img_dir, "001.jpg"))
-    with pytest.raises(CorruptImageError, match=r"001\.jpg.*32x32.*64x48"):
-        CocoDetection(img_dir, ann)[0]
+    with pytest.raises(CorruptImageError, match=r"001\.jpg' \(image id 1\) is 32x32 but the json says 64x48"
+                                                r"(.|\n)*fix the json's width/height"):
+        CocoDetection(img_dir, ann)
 
 
 def test_missing_annotation_file_error_names_it(tmp_path):
@@ -378,7 +418,7 @@ def test_num_classes_smaller_than_dataset_is_an_error_naming_both_and_the_key(tm
     img_dir, ann = write_coco(tmp_path, [img_entry(1)], [], CATS_3_7_42, make_files=False)
     with pytest.raises(ValueError, match=r"num_classes=2 is smaller than the 3 categories.*`num_classes`"):
         CocoDetection(img_dir, ann, num_classes=2)
-    assert CocoDetection(img_dir, ann, num_classes=80).num_classes == 80
+    assert CocoDetection(img_dir, ann, num_classes=80, check_images=False).num_classes == 80
 
 
 def test_empty_dataset_is_an_error(tmp_path):

@@ -110,7 +110,7 @@ def test_detector_overfits_two_images_and_finds_their_boxes():
     """A few hundred steps on two synthetic 128x128 images: loss falls a lot, boxes are recovered."""
     torch.manual_seed(0)
     cfg = YAMLConfig("configs/rtdetrv2_r18vd_coco.yaml", overrides={
-        "num_classes": 3, "eval_spatial_size": [128, 128],
+        "num_classes": 3, "input_size": [128, 128],
         "RTDETRTransformerv2": {"num_queries": 100, "num_denoising": 20}})
     model, criterion, post = cfg.model, cfg.criterion, cfg.postprocessor
     images = torch.zeros(2, 3, 128, 128)

@@ -87,7 +87,7 @@ def test_dset_losses_include_weighted_cass_and_both_balance_terms():
     from src.core import YAMLConfig
 
     torch.manual_seed(0)
-    cfg = YAMLConfig("configs/dset4_r18_synth_cpu.yaml", overrides=["eval_spatial_size=[128, 128]"])
+    cfg = YAMLConfig("configs/dset4_r18_synth_cpu.yaml", overrides=["input_size=[128, 128]"])
     model = cfg.model.train()
     images = torch.rand(2, 3, 128, 128)
     targets = [{"labels": torch.tensor([0, 3]), "boxes": torch.tensor([[0.2, 0.2, 0.1, 0.1], [0.7, 0.8, 0.4, 0.3]])},

@@ -187,7 +187,7 @@ class DetectorBenchModel(nn.Module):
         from src.core.config import YAMLConfig
 
         overrides = {
-            "eval_spatial_size": list(settings.input_size),
+            "input_size": list(settings.input_size),
             "PResNet": {"pretrained": settings.pretrained or False},
             "dset": {"patch_size": settings.patch_size, "keep_ratio": settings.keep_ratio,
                      "min_patches": settings.min_patches, "token_pruning_warmup_epochs": 0,

@@ -13,7 +13,8 @@ import importlib
 from typing import Any, Dict, Iterable
 
 from src.core import registry
-from src.core.yaml_utils import ConfigError, Origins, deep_merge, load_yaml_config, parse_overrides
+from src.core.input_size import apply_input_size
+from src.core.yaml_utils import ConfigError, DataError, Origins, deep_merge, load_yaml_config, parse_overrides
 
 # Modules whose import registers components, config sections and training hooks: the plugins of this
 # repository, named (not imported) here and imported lazily so `src.core` stays light and knows no model.
@@ -39,7 +40,8 @@ GLOBAL_KEYS: Dict[str, str] = {
     "criterion": "name of the registered criterion component",
     "postprocessor": "name of the registered postprocessor component",
     "num_classes": "number of object classes (shared with components that declare it)",
-    "eval_spatial_size": "[h, w] evaluation input size (anchors are precomputed for it)",
+    "input_size": "[h, w] network input size (multiples of 32): fills eval_spatial_size and every train/val Resize size",
+    "eval_spatial_size": "[h, w] evaluation input size (anchors are precomputed for it); set by input_size",
     "use_focal_loss": "sigmoid/focal classification (shared)",
     "train_dataloader": "training data loader (see DATALOADER_KEYS)",
     "val_dataloader": "validation data loader",
@@ -106,6 +108,7 @@ class YAMLConfig:
             deep_merge(cfg, kwargs, origins, "YAMLConfig(...) arguments")
         self.yaml_cfg: dict = cfg
         self.origins: Origins = origins
+        apply_input_size(cfg, origins, self.where)  # one key fills eval_spatial_size and every Resize size
         self.validate()
         self._model = None
 
@@ -242,7 +245,7 @@ class YAMLConfig:
         try:
             return cls(**kwargs)
         except (TypeError, ValueError, RuntimeError) as e:
-            if isinstance(e, ConfigError):
+            if isinstance(e, (ConfigError, DataError)):  # a data file's error names that file, not the YAML
                 raise
             files = sorted({f for k, f in self.origins.items() if k[:len(path)] == path}, reverse=True)
             raise ConfigError(f"{' and '.join(files) or self.path}: {'.'.join(map(str, path))}: building "

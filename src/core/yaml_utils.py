@@ -18,6 +18,11 @@ class ConfigError(ValueError):
     """A problem with a YAML config: the message names the file, the key and how to fix it."""
 
 
+class DataError(ValueError):
+    """A problem with a data file (annotation json, image, split file), not with the YAML config: the
+    message names the file (and the image / annotation id) and how to fix it."""
+
+
 def _read_yaml(path: str) -> dict:
     try:
         with open(path) as f:

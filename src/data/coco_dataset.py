@@ -8,7 +8,6 @@ arrays with offsets, so workers get a cheap copy and ``__getitem__`` only slices
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Dict, List, Optional, Tuple
@@ -18,49 +17,21 @@ import torch
 from torch.utils.data import Dataset
 from PIL import Image
 from torchvision import tv_tensors
-from torchvision.ops import box_convert
-from torchvision.transforms.v2.functional import pil_to_tensor
 
 from src.core.registry import build, register
+from src.core.yaml_utils import DataError
+from src.data.coco_json import AnnotationError, check_image_entries, clip_to_image, load_coco_json, xywh_to_xyxy
+from src.data.image_io import apply_orientation, orientation_to_apply, probe_headers, to_rgb_uint8
 
 logger = logging.getLogger(__name__)
 
 
-class CorruptImageError(RuntimeError):
+class CorruptImageError(DataError, RuntimeError):
     """An image file is missing, unreadable or does not match its json entry."""
 
 
-def load_coco_json(ann_file: str) -> dict:
-    """Read and minimally validate a COCO annotation file; errors name the file."""
-    if not os.path.isfile(ann_file):
-        raise FileNotFoundError(f"annotation file {ann_file!r} not found; check the dataset's ann_file key "
-                                "(for the synthetic set run `make data` first)")
-    try:
-        with open(ann_file, "r", encoding="utf-8") as f:
-            coco = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"annotation file {ann_file!r} is not valid json ({e}); regenerate or fix it") from e
-    if not isinstance(coco, dict):
-        raise ValueError(f"annotation file {ann_file!r}: expected a json object with 'images', "
-                         f"'annotations' and 'categories', got {type(coco).__name__}")
-    for key in ("images", "categories"):
-        if not isinstance(coco.get(key), list):
-            raise ValueError(f"annotation file {ann_file!r}: missing or invalid {key!r} list")
-    if not isinstance(coco.get("annotations", []), list):
-        raise ValueError(f"annotation file {ann_file!r}: 'annotations' must be a list")
-    return coco
-
-
-def _check_image_entries(images: List[dict], ann_file: str) -> None:
-    seen = set()
-    for img in images:
-        for key in ("id", "file_name", "width", "height"):
-            if key not in img:
-                raise ValueError(f"annotation file {ann_file!r}: image entry {img.get('id', img)!r} "
-                                 f"has no {key!r}")
-        if img["id"] in seen:
-            raise ValueError(f"annotation file {ann_file!r}: image id {img['id']} appears twice")
-        seen.add(img["id"])
+def _number_or_nan(v) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float("nan")
 
 
 @register()
@@ -78,17 +49,28 @@ class CocoDetection(Dataset):
         ann_file: COCO json.
         transforms: a transform module/callable ``(image, target) -> (image, target)``, or a
             ``{type: Compose, ...}`` dict built with the registry, or None.
-        skip_corrupt: if True a missing/unreadable image is replaced by the next readable index
-            (deterministic), counted in ``num_skipped`` and logged; if False it is an error.
+        skip_corrupt: False (default): a missing / unreadable image, or one whose size does not match
+            the json, is an error. True: such images are left out at construction (listed in
+            ``skipped_at_start``, one warning), and a file that fails to decode later is replaced by the
+            next readable index (deterministic), counted in ``num_skipped`` and logged once per file.
         num_classes: the model's class count (shared top-level key); must be >= the number of
             categories in the json. None: use the json's count.
+        allow_unlabelled: accept a json without an ``annotations`` list (an image list for inference
+            only; the trainer refuses it for training and evaluation). Default False: such a json is an
+            error, since it would train on nothing without a warning.
+        check_images: read every image header at construction (in parallel; header only) so that
+            missing, unreadable or mis-sized files are reported before training starts. False defers
+            the check to the first load of each image.
+
+    EXIF orientation is applied when the json's width/height match the displayed (rotated) size and
+    not when they match the stored one (see ``src.data.image_io.orientation_to_apply``).
     """
 
     __inject__ = ["transforms"]
     __share__ = ["num_classes"]
 
     def __init__(self, img_folder: str, ann_file: str, transforms: Any = None, skip_corrupt: bool = False,
-                 num_classes: Optional[int] = None):
+                 num_classes: Optional[int] = None, allow_unlabelled: bool = False, check_images: bool = True):
         self.img_folder = str(img_folder)
         self.ann_file = str(ann_file)
         self.skip_corrupt = bool(skip_corrupt)
@@ -98,15 +80,18 @@ class CocoDetection(Dataset):
         self.transforms = transforms
         self.epoch = 0
         self.num_skipped = 0
+        self.skipped_at_start: List[dict] = []
         self._warned_corrupt: set = set()
+        self._warned_values: set = set()
 
-        coco = load_coco_json(self.ann_file)
+        coco = load_coco_json(self.ann_file, allow_unlabelled=allow_unlabelled)
+        self.labelled = "annotations" in coco
         images, categories = coco["images"], coco["categories"]
         if not images:
-            raise ValueError(f"annotation file {self.ann_file!r} lists no images; the dataset would be empty")
+            raise AnnotationError(f"annotation file {self.ann_file!r} lists no images; the dataset would be empty")
         if not categories:
-            raise ValueError(f"annotation file {self.ann_file!r} lists no categories")
-        _check_image_entries(images, self.ann_file)
+            raise AnnotationError(f"annotation file {self.ann_file!r} lists no categories")
+        check_image_entries(images, self.ann_file)
 
         categories = sorted(categories, key=lambda c: c["id"])
         self.category_ids: List[int] = [int(c["id"]) for c in categories]
@@ -121,26 +106,66 @@ class CocoDetection(Dataset):
         self.num_classes = int(num_classes) if num_classes is not None else self.num_dataset_classes
 
         self.image_infos: List[dict] = [
-            {"id": img["id"], "file_name": img["file_name"], "width": int(img["width"]), "height": int(img["height"])}
+            {"id": img["id"], "file_name": img["file_name"], "width": int(img["width"]), "height": int(img["height"]),
+             "orientation": None}
             for img in images]
         self.image_ids: List[int] = [img["id"] for img in self.image_infos]
-        self._index_annotations(coco.get("annotations", []))
+        anns = coco.get("annotations", [])
+        self._index_annotations(anns)  # validates every annotation first: json errors before file errors
+        if check_images:
+            self._check_image_files(anns)
+
+    # ------------------------------------------------------------------ image files
+    def _skip_hint(self) -> str:
+        return "" if self.skip_corrupt else "; or set skip_corrupt: true in the dataset section to leave it out"
+
+    def _check_image_files(self, anns: List[dict]) -> None:
+        """Read every image header (parallel): missing / unreadable / mis-sized files are an error now, or
+        with ``skip_corrupt`` left out of the data set (annotations included) with one warning. Also decides
+        each image's EXIF orientation from the json size."""
+        paths = [self.image_path(i) for i in range(len(self))]
+        problems = []
+        for info, path, (header, problem) in zip(self.image_infos, paths, probe_headers(paths)):
+            if header is not None:
+                info["orientation"], problem = orientation_to_apply(header, (info["width"], info["height"]))
+            if problem is not None:
+                problems.append({"image_id": info["id"], "file": path, "problem": problem})
+        if not problems:
+            return
+        lines = [f"image file {p['file']!r} (image id {p['image_id']}) {p['problem']}" for p in problems[:5]]
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        if not self.skip_corrupt:
+            fix = ("fix the json's width/height (or the file)" if all("json says" in p["problem"] for p in problems)
+                   else f"check img_folder ({self.img_folder!r}) and the files")
+            raise CorruptImageError(f"{self.ann_file!r}: {len(problems)} of {len(self)} images cannot be used{more}:\n  "
+                                    + "\n  ".join(lines) + f"\n{fix}, or set skip_corrupt: true in the dataset "
+                                    "section to leave them out")
+        bad = {p["image_id"] for p in problems}
+        if len(bad) == len(self):
+            raise CorruptImageError(f"{self.ann_file!r}: all {len(self)} images are missing, unreadable or do not "
+                                    f"match the json (skip_corrupt is on, nothing would be left):\n  " + "\n  ".join(lines))
+        self.skipped_at_start = problems
+        logger.warning("%s: skip_corrupt is on: leaving out %d of %d images (and their annotations)%s:\n  %s",
+                       self.ann_file, len(problems), len(self), more, "\n  ".join(lines))
+        self.image_infos = [info for info in self.image_infos if info["id"] not in bad]
+        self.image_ids = [info["id"] for info in self.image_infos]
+        self._index_annotations([a for a in anns if a.get("image_id") not in bad], log=False)
 
     # ------------------------------------------------------------------ indexing
-    def _index_annotations(self, anns: List[dict]) -> None:
+    def _index_annotations(self, anns: List[dict], log: bool = True) -> None:
         """Validate all annotations and build flat per-image arrays (one pass, vectorised)."""
         image_index = {img_id: i for i, img_id in enumerate(self.image_ids)}
         for ann in anns:
             if ann.get("image_id") not in image_index:
-                raise ValueError(f"annotation file {self.ann_file!r}: annotation id {ann.get('id')} refers to "
+                raise AnnotationError(f"annotation file {self.ann_file!r}: annotation id {ann.get('id')} refers to "
                                  f"image id {ann.get('image_id')!r}, which is not in 'images'")
             if ann.get("category_id") not in self.category_id_to_label:
-                raise ValueError(f"annotation file {self.ann_file!r}: annotation id {ann.get('id')} (image id "
+                raise AnnotationError(f"annotation file {self.ann_file!r}: annotation id {ann.get('id')} (image id "
                                  f"{ann.get('image_id')}) has category_id {ann.get('category_id')!r}, which is not "
                                  f"in 'categories' (ids {self.category_ids}); add the category or fix the annotation")
             bbox = ann.get("bbox")
             if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-                raise ValueError(f"annotation file {self.ann_file!r}: annotation id {ann.get('id')} (image id "
+                raise AnnotationError(f"annotation file {self.ann_file!r}: annotation id {ann.get('id')} (image id "
                                  f"{ann.get('image_id')}) has bbox {bbox!r}; expected [x, y, width, height]")
 
         n = len(anns)
@@ -148,15 +173,14 @@ class CocoDetection(Dataset):
         xywh = np.array([[float(v) for v in a["bbox"]] for a in anns], dtype=np.float64).reshape(n, 4)
         labels = np.array([self.category_id_to_label[a["category_id"]] for a in anns], dtype=np.int64)
         iscrowd = np.array([int(a.get("iscrowd", 0)) for a in anns], dtype=np.int64)
-        area_json = np.array([float(a.get("area", np.nan)) for a in anns], dtype=np.float64)
+        area_json = np.array([_number_or_nan(a.get("area")) for a in anns], dtype=np.float64)
         sizes = np.array([[im["width"], im["height"]] for im in self.image_infos], dtype=np.float64)
 
         crowd = iscrowd != 0
         finite = np.isfinite(xywh).all(axis=1)
-        xyxy = box_convert(torch.from_numpy(np.where(finite[:, None], xywh, 0.0)), "xywh", "xyxy").numpy()
         wh = sizes[img_idx] if n else np.zeros((0, 2))
-        limits = np.concatenate([wh, wh], axis=1)  # [n, 4]: w, h, w, h
-        clipped = np.clip(xyxy, 0.0, limits)
+        xyxy = xywh_to_xyxy(xywh)
+        clipped = clip_to_image(xyxy, wh)
         was_clipped = finite & (clipped != xyxy).any(axis=1)
         degenerate = finite & ((clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1]))
         keep = ~crowd & finite & ~degenerate
@@ -171,10 +195,10 @@ class CocoDetection(Dataset):
         }
         problems = {k: v for k, v in self.box_stats.items()
                     if k in ("nonfinite_dropped", "clipped", "degenerate_dropped") and v}
-        if problems:
+        if problems and log:
             logger.warning("%s: fixed boxes %s (of %d annotations; %d crowd excluded, %d kept)", self.ann_file,
                            problems, n, self.box_stats["crowd_excluded"], self.box_stats["kept"])
-        else:
+        elif log:
             logger.info("%s: %d annotations, %d crowd excluded from targets, %d kept", self.ann_file, n,
                         self.box_stats["crowd_excluded"], self.box_stats["kept"])
 
@@ -200,23 +224,30 @@ class CocoDetection(Dataset):
         return os.path.join(self.img_folder, self.image_infos[index]["file_name"])
 
     def load_image(self, index: int) -> tv_tensors.Image:
-        """Decode image ``index`` as uint8 RGB [3, H, W]; CorruptImageError names file and image id."""
+        """Decode image ``index`` as uint8 RGB [3, H, W] (every PIL mode scaled to 8 bits, EXIF orientation
+        applied when the json says so); CorruptImageError names file and image id."""
         info = self.image_infos[index]
         path = self.image_path(index)
         if not os.path.isfile(path):
             raise CorruptImageError(f"image file {path!r} (image id {info['id']}) is missing; check img_folder "
-                                    f"({self.img_folder!r}) or pass skip_corrupt=True to skip it")
+                                    f"({self.img_folder!r}){self._skip_hint()}")
         try:
             with Image.open(path) as pil:
-                image = pil_to_tensor(pil.convert("RGB"))  # convert() decodes the whole file
+                rgb, note = to_rgb_uint8(pil)  # decodes the whole file
         except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-            raise CorruptImageError(f"image file {path!r} (image id {info['id']}) cannot be decoded ({e}); "
-                                    "replace it or pass skip_corrupt=True to skip it") from e
-        h, w = image.shape[-2:]
+            truncated = " (the file is truncated)" if "truncated" in str(e) else ""
+            raise CorruptImageError(f"image file {path!r} (image id {info['id']}) cannot be decoded{truncated} "
+                                    f"({e}); replace it{self._skip_hint()}") from e
+        if note is not None and index not in self._warned_values:
+            self._warned_values.add(index)
+            logger.warning("image file %r (image id %s): %s", path, info["id"], note)
+        rgb = apply_orientation(rgb, info["orientation"])
+        h, w = rgb.shape[:2]
         if (w, h) != (info["width"], info["height"]):
             raise CorruptImageError(f"image file {path!r} (image id {info['id']}) is {w}x{h} but "
-                                    f"{self.ann_file!r} says {info['width']}x{info['height']}; fix the json")
-        return tv_tensors.Image(image)
+                                    f"{self.ann_file!r} says {info['width']}x{info['height']}; fix the json"
+                                    f"{self._skip_hint()}")
+        return tv_tensors.Image(torch.from_numpy(rgb).permute(2, 0, 1).contiguous())
 
     def load_target(self, index: int) -> dict:
         info = self.image_infos[index]
@@ -244,7 +275,8 @@ class CocoDetection(Dataset):
                 self.num_skipped += 1
                 if i not in self._warned_corrupt:
                     self._warned_corrupt.add(i)
-                    logger.warning("skipping corrupt image (index %d): %s", i, e)
+                    logger.warning("skip_corrupt is on: skipping image index %d, using the next readable one "
+                                   "(%d skipped so far in this process): %s", i, self.num_skipped, e)
         raise CorruptImageError(f"no readable image in {self.img_folder!r} for {self.ann_file!r}: "
                                 f"all {len(self)} files are missing or corrupt")
 

@@ -134,10 +134,15 @@ class RandomHorizontalFlip(T.RandomHorizontalFlip):
 
 @register()
 class Resize(T.Resize):
-    """Resize to exactly ``size = [height, width]`` (non-square allowed, e.g. [736, 1280]); boxes follow."""
+    """Resize to exactly ``size = [height, width]`` (non-square allowed, e.g. [736, 1280]); boxes follow.
 
-    def __init__(self, size: Sequence[int] = (640, 640), interpolation: str = "bilinear",
+    In a YAML config leave ``size`` out: the top-level ``input_size`` fills it (src/core/input_size.py)."""
+
+    def __init__(self, size: Optional[Sequence[int]] = None, interpolation: str = "bilinear",
                  antialias: bool = True):
+        if size is None:
+            raise ValueError("Resize needs size [height, width]: set the top-level input_size key (it fills every "
+                             "train/val Resize) or give size")
         if (not isinstance(size, (list, tuple)) or len(size) != 2
                 or not all(isinstance(s, int) and s > 0 for s in size)):
             raise ValueError(f"Resize.size must be [height, width] of positive ints, got {size!r}")

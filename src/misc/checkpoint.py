@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -24,7 +25,15 @@ import torch.nn as nn
 from src.misc.dist import is_main_process
 
 __all__ = ["save_checkpoint", "load_checkpoint", "extract_state_dict", "load_matching_weights",
-           "LoadReport", "StateDictAdapter"]
+           "LoadReport", "StateDictAdapter", "NotACheckpointError", "check_checkpoint_file",
+           "describe_mismatch"]
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+_PICKLE_PROTOCOL_OPCODE = b"\x80"  # the legacy format: a pickle (protocol >= 2) of the tensors' metadata
+
+
+class NotACheckpointError(ValueError):
+    """The file is not something torch.save wrote, or it is truncated: no loader option can read it."""
 
 # (checkpoint_state_dict, model_state_dict) -> (new_checkpoint_state_dict, messages)
 StateDictAdapter = Callable[[Dict[str, torch.Tensor], Dict[str, torch.Tensor]],
@@ -70,16 +79,64 @@ def load_checkpoint(path: str | os.PathLike, trusted: bool = False, map_location
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if trusted:
-        return torch.load(path, map_location=map_location, weights_only=False)
+    check_checkpoint_file(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=not trusted)
+    except (EOFError, RuntimeError) as e:
+        if isinstance(e, EOFError) or "zip archive" in str(e):
+            raise NotACheckpointError(f"{path}: truncated or damaged PyTorch checkpoint ({str(e).splitlines()[0]}); "
+                                      f"copy it again or use another checkpoint") from e
+        raise
     except pickle.UnpicklingError as e:
+        if trusted:
+            raise NotACheckpointError(f"{path}: not a readable PyTorch checkpoint ({e}); it is damaged or not a "
+                                      f"checkpoint") from e
         raise pickle.UnpicklingError(
             f"{path}: refused by the safe loader (weights_only=True): it contains pickled Python "
             f"objects other than tensors and plain containers. If you trust this file, load it "
             f"with load_checkpoint(path, trusted=True) (full unpickling, can execute code from "
             f"the file). Original error: {str(e).splitlines()[0]}") from e
+
+
+def check_checkpoint_file(path: str) -> None:
+    """Raise NotACheckpointError unless ``path`` looks like a complete torch.save file (cheap: magic bytes,
+    and for the zip format the central directory at the end, which a truncated copy lacks)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    size = os.path.getsize(path)
+    if head == _ZIP_MAGIC:
+        if not zipfile.is_zipfile(path):
+            raise NotACheckpointError(f"{path}: truncated PyTorch checkpoint ({size} bytes, the end of the file is "
+                                      f"missing): the copy or the save was interrupted; copy it again or use "
+                                      f"another checkpoint (the trainer writes last.pth atomically, so the "
+                                      f"previous one in output_dir is complete)")
+        return
+    if head[:1] == _PICKLE_PROTOCOL_OPCODE:
+        return  # a legacy (pre-1.6) checkpoint; torch.load reports truncation as EOFError
+    raise NotACheckpointError(f"{path}: not a PyTorch checkpoint ({size} bytes starting with {head!r}; a torch.save "
+                              f"file starts with {_ZIP_MAGIC!r}); check the path. --trust-checkpoint does not "
+                              f"help here: the file is not a pickle at all")
+
+
+def describe_mismatch(model_sd: Dict[str, torch.Tensor], ckpt_sd: Dict[str, torch.Tensor], limit: int = 10) -> str:
+    """Which tensors of a checkpoint do not fit a model: shape differences, then missing / unexpected keys."""
+    shapes = [(k, tuple(v.shape), tuple(model_sd[k].shape)) for k, v in ckpt_sd.items()
+              if k in model_sd and tuple(v.shape) != tuple(model_sd[k].shape)]
+    missing = [k for k in model_sd if k not in ckpt_sd]
+    unexpected = [k for k in ckpt_sd if k not in model_sd]
+    lines = []
+    if shapes:
+        lines.append(f"{len(shapes)} tensor(s) with another shape (checkpoint vs model):")
+        lines += [f"  {k}: {list(a)} vs {list(b)}" for k, a, b in shapes[:limit]]
+        if len(shapes) > limit:
+            lines.append(f"  ... and {len(shapes) - limit} more")
+        if any("score_head" in k or "class_embed" in k or "denoising_class_embed" in k for k, _, _ in shapes):
+            lines.append("  (class-dependent layers: the checkpoint was trained with another num_classes)")
+    for what, keys in (("missing from the checkpoint", missing), ("not in the model", unexpected)):
+        if keys:
+            lines.append(f"{len(keys)} tensor(s) {what}: {', '.join(keys[:limit])}"
+                         + (f" ... and {len(keys) - limit} more" if len(keys) > limit else ""))
+    return "\n".join(lines)
 
 
 def extract_state_dict(ckpt) -> Dict[str, torch.Tensor]:

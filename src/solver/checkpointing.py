@@ -11,7 +11,7 @@ import os
 import pickle
 
 from src.misc import dist
-from src.misc.checkpoint import load_checkpoint, save_checkpoint
+from src.misc.checkpoint import describe_mismatch, load_checkpoint, save_checkpoint
 from src.misc.rng import get_rng_state, seed_everything, set_rng_state
 from src.zoo.rtdetr.weights import load_pretrained
 
@@ -79,8 +79,14 @@ def load_trainer_state(tr, path: str):
     if not isinstance(ckpt, dict) or "optimizer" not in ckpt:
         raise CheckpointError(f"{path} is a weights file, not a training checkpoint (no optimizer state): "
                               f"use -t {path} to start a new run from its weights")
+    model = dist.unwrap_model(tr.model)
+    details = describe_mismatch(model.state_dict(), ckpt["model"]) if isinstance(ckpt.get("model"), dict) else ""
+    if details:
+        raise CheckpointError(f"{path} (-r): does not match the model built from the config:\n{details}\nResume "
+                              f"with the config that wrote it, or start a new run from these weights with -t {path} "
+                              f"(tensors of another shape are then re-initialised, e.g. for another num_classes)")
     try:
-        dist.unwrap_model(tr.model).load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["model"])
         if tr.ema and ckpt.get("ema"):
             tr.ema.load_state_dict(ckpt["ema"])
         tr.optimizer.load_state_dict(ckpt["optimizer"])
@@ -98,7 +104,8 @@ def load_trainer_state(tr, path: str):
     tr.last_saved_epoch = int(ckpt["epoch"])
     restore_rng(tr, ckpt, path)
     if tr.is_main:
-        print(f"[resume] {path}: continuing at epoch {tr.start_epoch}, step {tr.global_step}")
+        print(f"[resume] {path}: evaluating the weights of epoch {tr.start_epoch - 1}" if tr.test_only else
+              f"[resume] {path}: continuing at epoch {tr.start_epoch}, step {tr.global_step}")
 
 
 def load_scaler_state(tr, state: dict, path: str):

@@ -13,6 +13,10 @@ Usage::
     summary = evaluator.summarize()
     print(format_table(summary))
 
+The ground truth is read through ``coco_gt_for_eval``: annotation ids are renumbered 1..N (COCO's
+evaluators read id 0 as "unmatched", so ids starting at 0, as labelme2coco writes them, would silently
+lower AP) and a missing ``area`` is filled from the box, as in training, so AP by size is right.
+
 Undefined metrics (e.g. AP_small when no small ground-truth box exists, or the AP of a
 category without ground truth; COCO reports -1) are NaN here.
 """
@@ -24,11 +28,12 @@ import io
 import json
 import math
 import os
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
 
+from src.data.coco_json import coco_gt_for_eval
 from src.misc.dist import all_gather_object, broadcast_object, is_main_process
 
 __all__ = ["CocoEvaluator", "format_table", "available_backends", "METRIC_NAMES"]
@@ -75,6 +80,10 @@ def _load_gt_dict(coco_gt) -> dict:
                     f"object, got {type(coco_gt).__name__}")
 
 
+def _describe(coco_gt) -> str:
+    return f" {os.fspath(coco_gt)!r}" if isinstance(coco_gt, (str, os.PathLike)) else ""
+
+
 def _mean_valid(x: np.ndarray) -> float:
     """Mean of entries > -1 (COCO's 'undefined' marker); NaN when there are none."""
     v = x[x > -1]
@@ -92,9 +101,12 @@ class CocoEvaluator:
         label_to_category_id: contiguous model label -> COCO category id.
         backend: 'auto' (faster_coco_eval if importable, else pycocotools),
             'faster_coco_eval' or 'pycocotools'.
+        image_ids: evaluate only these images (e.g. ``dataset.image_ids`` when ``skip_corrupt`` left some
+            out); None: every image of the ground truth.
     """
 
-    def __init__(self, coco_gt, label_to_category_id: Dict[int, int], backend: str = "auto"):
+    def __init__(self, coco_gt, label_to_category_id: Dict[int, int], backend: str = "auto",
+                 image_ids: Optional[Iterable[int]] = None):
         if backend == "auto":
             backends = available_backends()
             if not backends:
@@ -103,6 +115,11 @@ class CocoEvaluator:
         self.backend = backend
         self._COCO, self._COCOeval = _backend_classes(backend)
         gt = _load_gt_dict(coco_gt)
+        if not isinstance(gt.get("annotations"), list):
+            raise ValueError(f"CocoEvaluator: the ground truth{_describe(coco_gt)} has no 'annotations' list; an "
+                             f"unlabelled set (allow_unlabelled: true) can be used for inference, not evaluated")
+        # annotation ids renumbered 1..N (id 0 would be read as 'unmatched'), missing areas filled from the box
+        gt = coco_gt_for_eval(gt)
         with contextlib.redirect_stdout(io.StringIO()):
             self.coco_gt = self._COCO(gt) if backend == "faster_coco_eval" else self._COCO()
             if backend == "pycocotools":
@@ -119,9 +136,15 @@ class CocoEvaluator:
         for k, v in self.label_to_category_id.items():
             self._lut[k] = v
         self.image_ids = {img["id"] for img in gt.get("images", [])}
+        if image_ids is not None:
+            wanted = {int(i) for i in image_ids}
+            unknown = sorted(wanted - self.image_ids)
+            if unknown:
+                raise KeyError(f"CocoEvaluator: image_ids {unknown[:10]} are not in the ground-truth images")
+            self.image_ids = wanted
         self.num_gt = {cid: 0 for cid in self.category_names}
-        for a in gt.get("annotations", []):
-            if not a.get("iscrowd", 0) and a["category_id"] in self.num_gt:
+        for a in gt["annotations"]:
+            if not a.get("iscrowd", 0) and a["category_id"] in self.num_gt and a["image_id"] in self.image_ids:
                 self.num_gt[a["category_id"]] += 1
         self._dets: Dict[int, np.ndarray] = {}
 
@@ -169,6 +192,7 @@ class CocoEvaluator:
                                    "annotations": []}
                 coco_dt.createIndex()
             coco_eval = self._COCOeval(self.coco_gt, coco_dt, iouType="bbox")
+            coco_eval.params.imgIds = sorted(self.image_ids)
             coco_eval.evaluate()
             coco_eval.accumulate()
         self.last_eval = coco_eval

@@ -62,6 +62,26 @@ def check_num_classes(cfg, loaders):
                               f"set num_classes >= {ds_classes}")
 
 
+def check_training_data(cfg, train_loader) -> None:
+    """Refuse, before the first step, a training set that would train on nothing: an unlabelled set, fewer
+    images than one batch with ``drop_last`` (0 steps per epoch), or no usable box at all."""
+    if train_loader is None:
+        return
+    dataset = train_loader.dataset
+    where = cfg.where(("train_dataloader",))
+    name = getattr(dataset, "ann_file", "the dataset")
+    if not getattr(dataset, "labelled", True):
+        raise ConfigError(f"{where}: {name} has no annotations (allow_unlabelled: true): an unlabelled set cannot "
+                          f"be trained on")
+    if len(train_loader) == 0:
+        raise ConfigError(f"{where}: the training set has {len(train_loader.sampler)} image(s) per process, fewer "
+                          f"than one batch of {train_loader.batch_size} with drop_last: true, so an epoch would "
+                          f"have no step. Lower total_batch_size or set drop_last: false")
+    stats = getattr(dataset, "box_stats", None)
+    if stats is not None and stats.get("kept", 1) == 0:
+        raise ConfigError(f"{where}: {name} has no usable box (box_stats {stats}): training would learn nothing")
+
+
 def check_input_divisibility(cfg, loaders: dict, max_stride: int):
     """Inputs are padded by the collate to a multiple of ``size_divisibility``; the encoder's top-down path
     needs every side to be a multiple of the largest stride, so check the setting at startup (an input

@@ -33,6 +33,7 @@ from src.solver import checkpointing
 from src.solver.checkpointing import CheckpointError  # noqa: F401  (public: train.py, tests)
 from src.solver.evaluator import CocoEvaluator, format_table
 from src.solver.loaders import (build_loader, check_input_divisibility, check_loss_weights, check_num_classes,
+                                check_training_data,
                                 iters_per_epoch, largest_stride, loader_seed)
 from src.solver.train_step import NonFiniteLossError, skip_buffers, train_step  # noqa: F401  (public)
 
@@ -59,7 +60,7 @@ def eval_scale_sizes(targets: List[dict], padded_hw) -> torch.Tensor:
 class Trainer:
     def __init__(self, cfg: YAMLConfig, device: str = "cpu", output_dir: str | None = None,
                  seed: int | None = None, use_amp: bool | None = None, resume: str | None = None,
-                 tuning: str | None = None, trusted_checkpoint: bool = False):
+                 tuning: str | None = None, trusted_checkpoint: bool = False, test_only: bool = False):
         self.cfg = cfg
         self.distributed = dist.init_distributed(device)
         if self.distributed and str(device).startswith("cuda"):
@@ -72,6 +73,7 @@ class Trainer:
         self.resume_path = resume
         self.tuning_path = tuning or cfg.get("tuning")
         self.trusted = trusted_checkpoint
+        self.test_only = test_only  # evaluation only: no training-set checks; a resume says what it evaluates
         self.epochs = int(cfg.get("epochs", 1))
         self.print_freq = int(cfg.get("print_freq", 50))
         self.hooks = build_hooks(cfg)  # registered by the model side (e.g. src/zoo/rtdetr/dset_hooks.py)
@@ -102,6 +104,8 @@ class Trainer:
         self.train_loader, self.val_loader = loaders["train_dataloader"], loaders["val_dataloader"]
         check_num_classes(cfg, loaders.values())
         check_input_divisibility(cfg, loaders, self.max_stride)
+        if not self.test_only:
+            check_training_data(cfg, self.train_loader)
 
         self.optimizer = build_optimizer(self.model, cfg.get("optimizer", {"type": "AdamW", "lr": 1e-4}))
         check_param_groups(self.model, self.optimizer)
@@ -247,7 +251,8 @@ class Trainer:
         # epoch of the resumed checkpoint (tuned weights without one: the schedule's end, i.e. keep_ratio)
         set_epoch_everywhere(model, epoch if epoch >= 0 else self.schedule_epoch_for_test())
         dataset = self.val_loader.dataset
-        evaluator = CocoEvaluator(dataset.ann_file, dataset.label_to_category_id)
+        # only the data set's images: with skip_corrupt some of the json's may have been left out
+        evaluator = CocoEvaluator(dataset.ann_file, dataset.label_to_category_id, image_ids=dataset.image_ids)
         hook_sums: List[Dict[str, torch.Tensor]] = [{} for _ in self.hooks]
         for images, targets in self.val_loader:
             images = images.to(self.device)
