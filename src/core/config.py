@@ -2,8 +2,9 @@
 
 Validation happens at load time, before anything is built: every top-level key must be a known
 setting or the section of a registered component; every component section and every nested
-``{type: Name, ...}`` mapping must only use the constructor's keyword names; ``dset:`` is checked
-against its schema. Errors name the file that set the key, the key, and the valid keys.
+``{type: Name, ...}`` mapping must only use the constructor's keyword names; a section registered by a
+model family (``registry.register_section``, e.g. ``dset:``) is checked by its owner's validator. Errors
+name the file that set the key, the key, and the valid keys.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Any, Dict, Iterable
 from src.core import registry
 from src.core.yaml_utils import ConfigError, Origins, deep_merge, load_yaml_config, parse_overrides
 
-# Modules whose import registers components. Imported lazily so `src.core` stays light.
+# Modules whose import registers components, config sections and training hooks: the plugins of this
+# repository, named (not imported) here and imported lazily so `src.core` stays light and knows no model.
 COMPONENT_MODULES = (
     "src.nn.backbone.presnet",
     "src.zoo.rtdetr.hybrid_encoder",
@@ -23,6 +25,8 @@ COMPONENT_MODULES = (
     "src.zoo.rtdetr.matcher",
     "src.zoo.rtdetr.rtdetrv2_criterion",
     "src.zoo.rtdetr.rtdetr_postprocessor",
+    "src.zoo.rtdetr.dset_config",
+    "src.zoo.rtdetr.dset_hooks",
     "src.data.coco_dataset",
     "src.data.transforms",
     "src.data.collate",
@@ -57,7 +61,6 @@ GLOBAL_KEYS: Dict[str, str] = {
     "deterministic": "torch deterministic algorithms (bit-exact CPU resume)",
     "skip_nonfinite_steps": "skip up to N steps whose loss is NaN/inf before stopping",
     "max_iters_per_epoch": "cap iterations per epoch (demo/smoke runs); null = full epoch",
-    "dset": "DSET settings (pruner, MoE, CASS); see docs/dset.md",
     "tuning": "weights file to tune from (same as -t)",
 }
 
@@ -111,18 +114,17 @@ class YAMLConfig:
         return f"{self.path}: {'.'.join(map(str, path))}"
 
     def validate(self):
-        from src.zoo.rtdetr.dset_config import validate_dset
-
         cfg = self.yaml_cfg
         components = set(registry.registered_names())
+        sections = registry.sections()
         for key, value in cfg.items():
-            if key in GLOBAL_KEYS:
+            if key in GLOBAL_KEYS or key in sections:
                 continue
             if key in components:
                 self._check_component_section(key, value, (key,))
                 continue
             raise ConfigError(f"{self.where((key,))}: unknown top-level key {key!r}. Valid settings: "
-                              f"{', '.join(sorted(GLOBAL_KEYS))}; or a component section: "
+                              f"{', '.join(sorted([*GLOBAL_KEYS, *sections]))}; or a component section: "
                               f"{', '.join(sorted(components))}")
         for name_key in ("model", "criterion", "postprocessor"):
             name = cfg.get(name_key)
@@ -132,10 +134,20 @@ class YAMLConfig:
         for dl in ("train_dataloader", "val_dataloader"):
             if dl in cfg:
                 self._check_dataloader(cfg[dl], (dl,))
-        try:
-            self.dset = validate_dset(cfg.get("dset"), where=lambda key: self.where(("dset",) if key is None else ("dset", key)))
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        self.sections: Dict[str, Any] = {}
+        for name, (check, _) in sections.items():
+            try:
+                self.sections[name] = check(cfg.get(name), where=lambda key, n=name: self.where((n,) if key is None
+                                                                                               else (n, key)))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+
+    def __getattr__(self, name: str):
+        """``cfg.<section>``: the checked value of a registered section (e.g. ``cfg.dset``; None when off)."""
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def _check_component_section(self, name: str, section: Any, path: tuple):
         if section is None:
@@ -209,8 +221,9 @@ class YAMLConfig:
         for shared in getattr(cls, "__share__", []):
             if shared not in kwargs and shared in self.yaml_cfg and shared in params:
                 kwargs[shared] = copy.deepcopy(self.yaml_cfg[shared])
-        if "dset" in params and "dset" not in kwargs:
-            kwargs["dset"] = self.dset
+        for name, value in self.sections.items():
+            if name in params and name not in kwargs:
+                kwargs[name] = value
         kwargs.update(extra)
         try:
             return cls(**kwargs)

@@ -8,9 +8,10 @@ which are taken from top-level config keys with ``__share__`` (e.g. ``num_classe
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Tuple
 
 _REGISTRY: Dict[str, Any] = {}
+_SECTIONS: Dict[str, Tuple[Callable, str]] = {}
 
 
 def register(name: str | None = None, force: bool = False) -> Callable:
@@ -25,6 +26,23 @@ def register(name: str | None = None, force: bool = False) -> Callable:
         return obj
 
     return deco
+
+
+def register_section(name: str, validate: Callable, doc: str):
+    """A top-level config section owned by a model family (e.g. ``dset``), validated by its owner.
+
+    ``validate(section_or_None, where)`` returns the checked settings (or None when the feature is off) or
+    raises ValueError; ``where(key)`` gives ``"<file>: <name>.<key>"`` (``key=None``: the section itself).
+    The checked value is ``cfg.<name>`` and is passed to every component whose constructor takes ``<name>``.
+    """
+    if name in _SECTIONS and _SECTIONS[name][0] is not validate:
+        raise ValueError(f"config section {name!r} registered twice")
+    _SECTIONS[name] = (validate, doc)
+
+
+def sections() -> Dict[str, Tuple[Callable, str]]:
+    """Registered top-level sections: name -> (validate, one-line doc)."""
+    return dict(_SECTIONS)
 
 
 def get(name: str):

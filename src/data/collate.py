@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from src.core.registry import register
-from src.zoo.rtdetr.box_ops import box_xyxy_to_cxcywh
+from src.nn.box_ops import box_xyxy_to_cxcywh
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -86,6 +86,16 @@ def mean_over_ranks(values: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     all_gather_object of the names), then every value goes through ONE all_reduce of a stacked vector.
     Identity without a process group.
     """
+    return _reduce_named(values, torch.float32, mean=True)
+
+
+def sum_over_ranks(values: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Sum over ranks of each scalar in ``values`` in float64 (counts and sums of an evaluation); like
+    ``mean_over_ranks``: the key union is agreed, then ONE all_reduce. Identity without a process group."""
+    return _reduce_named(values, torch.float64, mean=False)
+
+
+def _reduce_named(values: Dict[str, torch.Tensor], dtype: torch.dtype, mean: bool) -> Dict[str, torch.Tensor]:
     if not is_dist_available_and_initialized():
         return {k: v.detach() if torch.is_tensor(v) else v for k, v in values.items()}
     names = sorted(set().union(*all_gather_object(sorted(values))))
@@ -94,9 +104,10 @@ def mean_over_ranks(values: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     ref = next(iter(values.values()), None)
     device = ref.device if torch.is_tensor(ref) else (
         torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu"))
-    stacked = torch.stack([values[k].detach().float().reshape(()).to(device) if k in values
-                           else torch.zeros((), device=device) for k in names])
-    return dict(zip(names, all_reduce_mean(stacked).unbind(0)))
+    stacked = torch.stack([values[k].detach().to(dtype).reshape(()).to(device) if k in values
+                           else torch.zeros((), device=device, dtype=dtype) for k in names])
+    reduced = all_reduce_mean(stacked) if mean else all_reduce_sum(stacked)
+    return dict(zip(names, reduced.unbind(0)))
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -5,6 +5,7 @@ stored in a checkpoint that is loaded with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import warnings
@@ -12,7 +13,7 @@ import warnings
 import numpy as np
 import torch
 
-__all__ = ["get_rng_state", "set_rng_state", "seed_everything"]
+__all__ = ["get_rng_state", "set_rng_state", "seed_everything", "rng_preserved"]
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -81,3 +82,14 @@ def set_rng_state(state: dict) -> None:
                           f"not restored")
             return
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+
+
+@contextlib.contextmanager
+def rng_preserved():
+    """Run a block (evaluation) without moving the python / numpy / torch generators of training, so a
+    resumed run (whose checkpoint holds the RNG state of the end of training) continues the same stream."""
+    state = get_rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)

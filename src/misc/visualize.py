@@ -1,4 +1,5 @@
-"""Pictures for TensorBoard: CASS target mask and predicted keep probability over the input image."""
+"""Pictures for TensorBoard: patch maps over an image, heat overlays, boxes (model-agnostic; the DSET mask
+picture built from them is in src/zoo/rtdetr/dset_hooks.py)."""
 from __future__ import annotations
 
 import torch
@@ -35,26 +36,3 @@ def draw_boxes(image: Tensor, boxes: Tensor) -> Tensor:
     if boxes.numel():
         img = draw_bounding_boxes(img, boxes.detach().cpu().float(), colors="lime", width=1)
     return img.float() / 255
-
-
-@torch.no_grad()
-def cass_mask_figure(image: Tensor, gt_xyxy: Tensor, info: dict, dset: dict) -> Tensor:
-    """Target Y (left) and predicted q = sigmoid(logit) (right) over the first image of a batch.
-
-    image: [3, H, W] (the padded input, values in [0, 1]); gt_xyxy: [N, 4] absolute pixels of that input;
-    info: one pruned level's info dict; returns a uint8 tensor [3, H, 2W].
-    """
-    from src.zoo.rtdetr import cass
-    from src.zoo.rtdetr.dset_losses import cass_config_from_dset
-
-    H, W = image.shape[-2:]
-    h, w = info["feat_shape"]
-    k = dset["patch_size"]
-    grid = cass.patch_grid((h, w), k)
-    target = cass.generate_soft_target_mask([gt_xyxy], (h, w), (H, W), k, cass_config_from_dset(dset))[0]
-    q = info["patch_importance_scores"][0].detach().sigmoid()
-    patch_px = (k * H / h, k * W / w)
-    base = draw_boxes(image.float().cpu(), gt_xyxy)
-    left = overlay(base, patch_map_to_image(target.cpu(), grid, patch_px, (H, W)))
-    right = overlay(base, patch_map_to_image(q.cpu(), grid, patch_px, (H, W)))
-    return (torch.cat([left, right], dim=-1) * 255).to(torch.uint8)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Tuple
 
+from src.core.registry import register_section
 from src.zoo.rtdetr.cass import NORMALIZATIONS
 
 
@@ -105,6 +106,9 @@ def validate_dset(section: dict | None, where: str | Callable[[str | None], str]
     if not out["enabled"]:
         return None
     return out
+
+
+register_section("dset", validate_dset, "DSET settings (pruner, MoE, CASS); see docs/dset.md")
 
 
 def dset_table_markdown() -> str:

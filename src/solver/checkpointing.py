@@ -1,0 +1,113 @@
+"""The trainer's checkpoints: what a resume needs, writing it, reading it back, tuning weights.
+
+A training checkpoint holds model, EMA, optimizer, scheduler, scaler, epoch, step, best metric, non-finite
+skip count, config and the RNG states of every rank, only as tensors and plain containers, so it loads with
+``weights_only=True``. ``-r`` resumes it exactly; ``-t`` only takes the weights whose shapes match.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+from src.misc import dist
+from src.misc.checkpoint import load_checkpoint, save_checkpoint
+from src.misc.rng import get_rng_state, seed_everything, set_rng_state
+from src.zoo.rtdetr.weights import load_pretrained
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint given with -r / -t cannot be used: missing, refused by the safe loader, wrong kind,
+    or not matching the model built from the config. The message says which and how to fix it."""
+
+
+def checkpoint_error(path: str, flag: str, e: BaseException) -> CheckpointError:
+    if isinstance(e, pickle.UnpicklingError):
+        return CheckpointError(
+            f"{path} ({flag}) was refused by the safe loader: it holds pickled Python objects besides tensors "
+            f"and plain containers, and loading it could run code from the file. If you made this file or "
+            f"trust its source, add --trust-checkpoint (Trainer(trusted_checkpoint=True)) to load it with full "
+            f"unpickling; otherwise re-save its weights with a trusted tool. Loader said: {str(e).splitlines()[0]}")
+    if isinstance(e, FileNotFoundError):
+        return CheckpointError(f"{path} ({flag}): file not found; check the path")
+    return CheckpointError(f"{path} ({flag}): {type(e).__name__}: {e}")
+
+
+def load_tuning_weights(model, path: str, trusted: bool):
+    try:
+        report = load_pretrained(model, path, trusted=trusted)
+    except (pickle.UnpicklingError, FileNotFoundError, KeyError, TypeError, RuntimeError) as e:
+        raise checkpoint_error(path, "-t (tune)", e) from e
+    if dist.is_main_process():
+        print(f"[tune] {path}:\n{report}")
+
+
+def trainer_state(tr, epoch: int, rng_per_rank: list | None = None) -> dict:
+    """Everything a resume needs; only tensors and plain containers (loads with weights_only=True)."""
+    rng = get_rng_state()
+    return {
+        "model": dist.unwrap_model(tr.model).state_dict(),
+        "ema": tr.ema.state_dict() if tr.ema else None,
+        "optimizer": tr.optimizer.state_dict(),
+        "lr_scheduler": tr.lr_scheduler.state_dict(),
+        "scaler": tr.scaler.state_dict(),
+        "epoch": epoch,
+        "step": tr.global_step,
+        "best_ap": tr.best_ap,
+        "nonfinite_skipped": tr.nonfinite_skipped,
+        "config": json.loads(json.dumps(tr.cfg.yaml_cfg, default=str)),  # plain types only (safe load)
+        "rng": rng,
+        "rng_per_rank": rng_per_rank if rng_per_rank is not None else [rng],
+    }
+
+
+def save_trainer_checkpoint(tr, name: str, epoch: int):
+    """Atomically write a checkpoint on rank 0 (every rank must call: the RNG states are gathered)."""
+    rng_per_rank = dist.all_gather_object(get_rng_state()) if tr.distributed else None
+    if tr.is_main:
+        save_checkpoint(trainer_state(tr, epoch, rng_per_rank), os.path.join(tr.output_dir, name))
+    if name == "last.pth":
+        tr.last_saved_epoch = epoch
+
+
+def load_trainer_state(tr, path: str):
+    try:
+        ckpt = load_checkpoint(path, trusted=tr.trusted)
+    except (pickle.UnpicklingError, FileNotFoundError) as e:
+        raise checkpoint_error(path, "-r (resume)", e) from e
+    if not isinstance(ckpt, dict) or "optimizer" not in ckpt:
+        raise CheckpointError(f"{path} is a weights file, not a training checkpoint (no optimizer state): "
+                              f"use -t {path} to start a new run from its weights")
+    try:
+        dist.unwrap_model(tr.model).load_state_dict(ckpt["model"])
+        if tr.ema and ckpt.get("ema"):
+            tr.ema.load_state_dict(ckpt["ema"])
+        tr.optimizer.load_state_dict(ckpt["optimizer"])
+        tr.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+        tr.scaler.load_state_dict(ckpt["scaler"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path} (-r): does not match the run built from the config ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0]}). Resume with the config that wrote it, or start a new "
+                              f"run from its weights with -t {path}") from e
+    tr.start_epoch = int(ckpt["epoch"]) + 1
+    tr.global_step = int(ckpt["step"])
+    tr.best_ap = float(ckpt["best_ap"])
+    tr.nonfinite_skipped = int(ckpt.get("nonfinite_skipped", 0))
+    tr.last_saved_epoch = int(ckpt["epoch"])
+    restore_rng(tr, ckpt, path)
+    if tr.is_main:
+        print(f"[resume] {path}: continuing at epoch {tr.start_epoch}, step {tr.global_step}")
+
+
+def restore_rng(tr, ckpt: dict, path: str):
+    """Each rank continues its own RNG streams; with another number of processes they are re-seeded."""
+    per_rank = ckpt.get("rng_per_rank") or ([ckpt["rng"]] if ckpt.get("rng") is not None else [])
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if len(per_rank) == world:
+        set_rng_state(per_rank[rank])
+        return
+    seed_everything(tr.seed + rank + 1_000_003 * (int(ckpt["epoch"]) + 1),
+                    deterministic=bool(tr.cfg.get("deterministic", False)))
+    if tr.is_main:
+        print(f"[resume] {path} holds RNG states of {len(per_rank)} process(es), this run has {world}: "
+              f"the random streams are re-seeded (the run continues correctly but not bit-identically)")

@@ -1,0 +1,90 @@
+"""Data loaders of the trainer and the startup checks of a run (loaders, model and criterion agree)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from src.core.yaml_utils import ConfigError
+from src.misc import dist
+
+
+def loader_seed(seed: int, epoch: int, rank: int, train: bool = True) -> int:
+    """Seed of a data loader's generator for one epoch (>= 0) on one rank; its worker seeds derive from it."""
+    entropy = [seed % 2**63, epoch, rank, int(train)]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def largest_stride(model: nn.Module) -> int:
+    """Largest feature stride of the model (the largest ``feat_strides`` entry of any submodule; 32 for R18)."""
+    strides = [int(s) for m in model.modules() for s in (getattr(m, "feat_strides", None) or [])]
+    return max(strides) if strides else 1
+
+
+def build_loader(cfg, key: str, train: bool, seed: int) -> DataLoader:
+    section = cfg[key]
+    ds_spec = section.get("dataset")
+    if ds_spec is None:
+        raise ConfigError(f"{cfg.where((key,))}: missing 'dataset'")
+    dataset = cfg.build_spec(ds_spec, (key, "dataset"))
+    collate = cfg.build_spec(section["collate_fn"], (key, "collate_fn")) if "collate_fn" in section else None
+    world = dist.get_world_size()
+    total_bs = int(section.get("total_batch_size", 1))
+    if total_bs % world != 0:
+        raise ConfigError(f"{cfg.where((key, 'total_batch_size'))}: {total_bs} is not divisible by "
+                          f"the number of processes ({world})")
+    # the order comes from the sampler (seed + set_epoch); the generator seeds the loader workers and is
+    # re-seeded every epoch from (seed, epoch, rank), so worker augmentations never depend on the global RNGs
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=dist.get_rank(),
+                                 shuffle=bool(section.get("shuffle", train)), seed=seed, drop_last=False)
+    generator = torch.Generator().manual_seed(loader_seed(seed, 0, dist.get_rank(), train))
+    return DataLoader(dataset, batch_size=total_bs // world, sampler=sampler,
+                      num_workers=int(section.get("num_workers", 0)), collate_fn=collate,
+                      drop_last=bool(section.get("drop_last", False)),
+                      pin_memory=bool(section.get("pin_memory", False)),
+                      persistent_workers=False, generator=generator)
+
+
+def check_num_classes(cfg, loaders):
+    num_classes = cfg.get("num_classes")
+    for loader in loaders:
+        if loader is None:
+            continue
+        ds_classes = len(getattr(loader.dataset, "category_names", []) or [])
+        if num_classes is not None and ds_classes > num_classes:
+            raise ConfigError(f"num_classes = {num_classes} but the dataset "
+                              f"{getattr(loader.dataset, 'ann_file', '')} has {ds_classes} categories: "
+                              f"set num_classes >= {ds_classes}")
+
+
+def check_input_divisibility(cfg, loaders: dict, max_stride: int):
+    """Inputs are padded by the collate to a multiple of ``size_divisibility``; the encoder's top-down path
+    needs every side to be a multiple of the largest stride, so check the setting at startup (an input
+    smaller than the stride, e.g. 16x16, is then padded to one stride and works)."""
+    for key, loader in loaders.items():
+        div = getattr(loader.collate_fn, "size_divisibility", None) if loader is not None else None
+        if div is not None and div % max_stride != 0:
+            raise ConfigError(f"{cfg.where((key, 'collate_fn', 'size_divisibility'))}: {div} is not a "
+                              f"multiple of the model's largest stride {max_stride}; padded inputs would "
+                              f"give feature maps the encoder cannot fuse. Set it to {max_stride} "
+                              f"(or a multiple)")
+
+
+def check_loss_weights(cfg, criterion):
+    name = cfg.get("criterion")
+    for k, w in (getattr(criterion, "weight_dict", None) or {}).items():
+        if not (math.isfinite(float(w)) and float(w) >= 0):
+            raise ConfigError(f"{cfg.where((name, 'weight_dict', k))}: loss weight {k} = {w} must be a "
+                              f"finite number >= 0")
+
+
+def iters_per_epoch(cfg, train_loader) -> int:
+    """Iterations per epoch: the loader's length, capped by ``max_iters_per_epoch``; 1 without a loader."""
+    if train_loader is None:
+        return 1
+    n = len(train_loader)
+    cap = cfg.get("max_iters_per_epoch")
+    return max(1, min(n, int(cap)) if cap else n)

@@ -1,0 +1,112 @@
+"""What DSET adds to the training loop, as a training hook (src/core/hooks.py): its losses (CASS, MoE
+balance), its TensorBoard scalars (``dset/*``, ``cass/*``, ``moe/*``), the CASS mask pictures
+(``cass/mask_level{L}``) and the keep-bias evaluation (``dset_bias`` in the eval stats, ``eval_bias/*``).
+
+Registered when this module is imported (it is one of the config's COMPONENT_MODULES); the trainer never
+names DSET.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch import Tensor
+
+from src.core.hooks import TrainHook, register_hooks
+from src.misc.visualize import draw_boxes, overlay, patch_map_to_image
+from src.zoo.rtdetr import cass
+from src.zoo.rtdetr import dset_losses as dl
+
+BIAS_GROUPS = ("small", "medium", "large", "far", "near")
+
+
+@torch.no_grad()
+def cass_mask_figure(image: Tensor, gt_xyxy: Tensor, info: dict, dset: dict) -> Tensor:
+    """Target Y (left) and predicted q = sigmoid(logit) (right) over the first image of a batch.
+
+    image: [3, H, W] (the padded input, values in [0, 1]); gt_xyxy: [N, 4] absolute pixels of that input;
+    info: one pruned level's info dict; returns a uint8 tensor [3, H, 2W].
+    """
+    H, W = image.shape[-2:]
+    h, w = info["feat_shape"]
+    k = dset["patch_size"]
+    grid = cass.patch_grid((h, w), k)
+    target = cass.generate_soft_target_mask([gt_xyxy], (h, w), (H, W), k, dl.cass_config_from_dset(dset))[0]
+    q = info["patch_importance_scores"][0].detach().sigmoid()
+    patch_px = (k * H / h, k * W / w)
+    base = draw_boxes(image.float().cpu(), gt_xyxy)
+    left = overlay(base, patch_map_to_image(target.cpu(), grid, patch_px, (H, W)))
+    right = overlay(base, patch_map_to_image(q.cpu(), grid, patch_px, (H, W)))
+    return (torch.cat([left, right], dim=-1) * 255).to(torch.uint8)
+
+
+class DSETHook(TrainHook):
+    def __init__(self, dset: dict):
+        self.dset = dset
+
+    def unused_parameter_reasons(self) -> List[str]:
+        return ["DSET token pruner (no gradient while pruning warms up or without CASS / straight-through gate)"]
+
+    def extra_losses(self, outputs, targets, images, epoch, model) -> Dict[str, Tensor]:
+        return dl.dset_losses(outputs, targets, images.shape[-2:], self.dset, epoch, model)
+
+    def step_scalars(self, outputs, targets, images, model) -> Dict[str, float]:
+        out = {}
+        infos = outputs.get("dset_prune_info") or []
+        if infos:
+            out["dset/keep_ratio"] = sum(float(x["keep_ratio"]) for x in infos) / len(infos)
+            out["dset/kept_tokens"] = sum(float(x["num_kept_tokens"]) for x in infos)
+            if self.dset["use_cass"]:
+                out.update(dl.cass_diagnostics(outputs, targets, images.shape[-2:], self.dset))
+        for k, v in dl.expert_usage(model).items():
+            out[f"moe/{k}"] = v
+        return out
+
+    def after_step(self, trainer, outputs, targets, images):
+        interval = self.dset["vis_interval"]
+        if not (interval and trainer.global_step % interval == 0 and trainer.is_main):
+            return
+        infos = outputs.get("dset_prune_info") or []
+        if not infos:
+            return
+        gt = dl.targets_to_abs_xyxy(targets, images.shape[-2:])
+        for level, info in enumerate(infos):
+            img = cass_mask_figure(images[0], gt[0], info, self.dset)
+            trainer.logger.image(f"cass/mask_level{level}", img, trainer.global_step)
+
+    def eval_batch(self, outputs, targets, images) -> Dict[str, Tensor]:
+        sums: Dict[str, Tensor] = {}
+        infos = outputs.get("dset_prune_info") or []
+        if not infos:
+            return sums
+        gt = dl.targets_to_abs_xyxy(targets, images.shape[-2:])
+        cfg = dl.cass_config_from_dset(self.dset)
+        for info in infos:
+            stats = cass.keep_bias_stats(info["patch_importance_scores"], gt, info["feat_shape"], images.shape[-2:],
+                                         self.dset["patch_size"], self.dset["keep_ratio"], cfg,
+                                         min_patches=self.dset["min_patches"])
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0) + v.detach().double()
+        return sums
+
+    def eval_metrics(self, sums) -> dict:
+        return {"dset_bias": cass.finalize_keep_bias(sums)} if sums else {}
+
+    def eval_scalars(self, stats) -> Dict[str, float]:
+        return {f"eval_bias/{k}": v for k, v in (stats.get("dset_bias") or {}).items()}
+
+    def eval_report(self, stats) -> str:
+        bias = stats.get("dset_bias")
+        if not bias:
+            return ""
+        lines = ["| DSET keep-recall | " + " | ".join(BIAS_GROUPS) + " |\n|---|" + "---:|" * len(BIAS_GROUPS)]
+        for prefix, name in (("keep_recall", "pruner"), ("oracle_keep_recall", "oracle (top-K of target)")):
+            lines.append(f"| {name} | " + " | ".join(f"{bias[f'{prefix}_{g}']:.3f}" for g in BIAS_GROUPS) + " |")
+        lines.append(f"centroid shift dx {bias['centroid_dx']:+.4f}, dy {bias['centroid_dy']:+.4f} "
+                     f"(dy < 0: mask drifts up)")
+        return "\n".join(lines)
+
+
+@register_hooks
+def dset_hooks(cfg) -> List[TrainHook]:
+    return [DSETHook(cfg.dset)] if cfg.dset is not None else []

@@ -1,0 +1,73 @@
+"""The layering of the package: lower layers never import the model zoo, the trainer never names DSET.
+
+src/core, src/misc, src/data, src/optim and src/nn sit below src/zoo (the zoo uses them; box ops used by the
+data pipeline live in src/nn/box_ops.py). DSET plugs into the training loop through hooks it registers
+itself (src/zoo/rtdetr/dset_hooks.py), so src/solver/trainer.py imports nothing from the zoo.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LOWER_LAYERS = ("core", "misc", "data", "optim", "nn")
+
+
+def imported_modules(path: Path):
+    """(line, module) of every import statement of a file, at any depth (function-local imports too)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.lineno, node.module
+            for alias in node.names:  # `from src import zoo`
+                yield node.lineno, f"{node.module}.{alias.name}"
+
+
+def test_imported_modules_sees_function_local_and_from_imports(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("import os\nfrom src import zoo\n\ndef g():\n    from src.zoo.rtdetr import cass\n")
+    assert [m for _, m in imported_modules(f)] == ["os", "src", "src.zoo", "src.zoo.rtdetr", "src.zoo.rtdetr.cass"]
+
+
+@pytest.mark.parametrize("layer", LOWER_LAYERS)
+def test_lower_layers_never_import_the_zoo(layer):
+    files = sorted((REPO / "src" / layer).rglob("*.py"))
+    assert files
+    bad = [f"{f.relative_to(REPO)}:{line}: {m}" for f in files for line, m in imported_modules(f)
+           if m == "src.zoo" or m.startswith("src.zoo.")]
+    assert not bad, "lower layers import the model zoo:\n" + "\n".join(bad)
+
+
+def test_trainer_imports_nothing_of_the_zoo_and_names_no_dset():
+    path = REPO / "src" / "solver" / "trainer.py"
+    zoo = [m for _, m in imported_modules(path) if m.startswith("src.zoo")]
+    assert zoo == []
+    tree = ast.parse(path.read_text())
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | \
+            {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    assert not [n for n in names if any(w in n.lower() for w in ("dset", "cass", "moe"))]
+    assert len(path.read_text().splitlines()) <= 300
+
+
+def test_dset_registers_its_config_section_and_training_hook():
+    from src.core import registry
+    from src.core.config import import_components
+    from src.core.hooks import build_hooks
+    from src.zoo.rtdetr.dset_config import validate_dset
+    from src.zoo.rtdetr.dset_hooks import DSETHook
+
+    import_components()
+    assert registry.sections()["dset"][0] is validate_dset
+
+    class Cfg:
+        dset = validate_dset({"keep_ratio": 0.5})
+
+    hooks = build_hooks(Cfg())
+    assert [type(h) for h in hooks] == [DSETHook] and hooks[0].dset["keep_ratio"] == 0.5
+    Cfg.dset = None
+    assert build_hooks(Cfg()) == []
