@@ -157,8 +157,8 @@ class PatchLevelPruner(nn.Module):
         token_logits = self.importance_predictor(tokens).squeeze(-1)
         token_logits = token_logits.to(torch.promote_types(token_logits.dtype, torch.float32))  # under autocast
         patch_logits = patch_mean_logits(token_logits, (h, w), self.patch_size)
-        num_patches = patch_logits.shape[1]
         grid = cass.patch_grid((h, w), self.patch_size)
+        num_patches = int(grid[0]) * int(grid[1])  # a Python int (also under tracing: a graph constant)
         self._last_patch_grid = tuple(grid)
 
         ratio = self.current_keep_ratio if (self.training or self.prune_in_eval) else 1.0
