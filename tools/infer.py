@@ -45,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--score", type=float, default=0.4, help="score threshold of drawn and written detections")
     p.add_argument("-u", "--update", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images (sorted by file name)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--trust-checkpoint", action="store_true", help="load legacy pickled checkpoints (runs code)")
     args = p.parse_args(argv)
@@ -138,7 +139,7 @@ def run(args) -> dict:
     transforms, divisibility = val_pipeline(cfg)
     names, category_ids, known_ids = categories(cfg)
     patch_size = (cfg.dset or {}).get("patch_size")
-    files = list_images(args.input)
+    files = list_images(args.input)[:getattr(args, "limit", None)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     next_id = max([0] + [i for i in known_ids.values() if isinstance(i, int)]) + 1 if known_ids else 1
@@ -179,8 +180,10 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     res = run(args)
+    first = Path(args.out) / f"{Path(res['images'][0]['file_name']).stem}.png"
     print(f"{len(res['images'])} image(s), {len(res['detections'])} detection(s) with score >= {args.score}: "
           f"{args.out}/<name>.png, {args.out}/detections.json, {args.out}/images.json")
+    print(f"picture: {first}")
     return 0
 
 

@@ -1,5 +1,5 @@
-"""Pictures for TensorBoard: patch maps over an image, heat overlays, boxes (model-agnostic; the DSET mask
-picture built from them is in src/zoo/rtdetr/dset_hooks.py)."""
+"""Pictures (model-agnostic): patch maps over an image, patch rectangles, and the matplotlib figures of
+tools/infer.py (detections, kept patches) and of the DSET TensorBoard picture (src/zoo/rtdetr/dset_hooks.py)."""
 from __future__ import annotations
 
 import torch
@@ -20,22 +20,6 @@ def patch_map_to_image(values: Tensor, grid, patch_px, img_hw) -> Tensor:
     h, w = min(H, up.shape[0]), min(W, up.shape[1])
     out[:h, :w] = up[:h, :w]
     return out
-
-
-def overlay(image: Tensor, heat: Tensor, alpha: float = 0.55) -> Tensor:
-    """image [3, H, W] in [0, 1], heat [H, W] in [0, 1] -> [3, H, W] in [0, 1] (heat shown in red/yellow)."""
-    colour = torch.stack([heat, heat.pow(2), torch.zeros_like(heat)])
-    return ((1 - alpha) * image.clamp(0, 1) + alpha * colour).clamp(0, 1)
-
-
-def draw_boxes(image: Tensor, boxes: Tensor) -> Tensor:
-    """Draw xyxy pixel boxes in green with torchvision's drawing utility. image [3,H,W] in [0,1]."""
-    from torchvision.utils import draw_bounding_boxes
-
-    img = (image.clamp(0, 1) * 255).to(torch.uint8).cpu()
-    if boxes.numel():
-        img = draw_bounding_boxes(img, boxes.detach().cpu().float(), colors="lime", width=1)
-    return img.float() / 255
 
 
 # ---------------------------------------------------------------- matplotlib figures (tools/infer.py, TensorBoard)
@@ -146,7 +130,7 @@ def mask_panels_figure(image, gt_boxes: Tensor, target, prob, kept_rects: Tensor
     import numpy as np
 
     h, w = image.shape[:2]
-    fig, axes = plt.subplots(1, 3, figsize=(3.2 * w / h * 3 + 1.0, 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, 3, figsize=(3.0 * w / h * 3 + 1.0, 3.4), squeeze=False, layout="constrained")
     heat = None
     for ax, panel, values in ((axes[0, 0], "target mask (CASS)", target),
                               (axes[0, 1], "predicted keep probability", prob)):
@@ -160,7 +144,7 @@ def mask_panels_figure(image, gt_boxes: Tensor, target, prob, kept_rects: Tensor
     _outline(axes[0, 2], kept_rects, "cyan", 0.6)
     _outline(axes[0, 2], gt_boxes, "lime", 1.0)
     _legend(axes[0, 2], [("GT box", "none", "lime"), ("kept patch", "none", "cyan"), ("pruned", "0.3", "none")])
-    fig.colorbar(heat, ax=axes[0, :2].tolist(), fraction=0.025, pad=0.01, label="value")
+    fig.colorbar(heat, ax=axes[0, 1], fraction=0.05, pad=0.02, label="target / keep probability")
     fig.suptitle(title, fontsize=10)
     return fig
 
