@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from src.core.hooks import TrainHook, register_hooks
-from src.misc.visualize import draw_boxes, overlay, patch_map_to_image
+from src.misc.visualize import figure_to_array, mask_panels_figure, patch_map_to_image, patch_rects
 from src.zoo.rtdetr import cass
 from src.zoo.rtdetr import dset_losses as dl
 
@@ -21,23 +21,28 @@ BIAS_GROUPS = ("small", "medium", "large", "far", "near")
 
 
 @torch.no_grad()
-def cass_mask_figure(image: Tensor, gt_xyxy: Tensor, info: dict, dset: dict) -> Tensor:
-    """Target Y (left) and predicted q = sigmoid(logit) (right) over the first image of a batch.
+def cass_mask_figure(image: Tensor, gt_xyxy: Tensor, info: dict, dset: dict, title: str = ""):
+    """The CASS picture of one image: three titled panels (target mask, predicted keep probability, kept
+    top-K) with a colour bar, the GT boxes on every panel and the kept patches outlined.
 
     image: [3, H, W] (the padded input, values in [0, 1]); gt_xyxy: [N, 4] absolute pixels of that input;
-    info: one pruned level's info dict; returns a uint8 tensor [3, H, 2W].
+    info: one pruned level's info dict (the first image of its batch is drawn).
+    Returns a uint8 numpy array [H', W', 3] (TrainLogger.image, PIL).
     """
     H, W = image.shape[-2:]
     h, w = info["feat_shape"]
     k = dset["patch_size"]
     grid = cass.patch_grid((h, w), k)
-    target = cass.generate_soft_target_mask([gt_xyxy], (h, w), (H, W), k, dl.cass_config_from_dset(dset))[0]
-    q = info["patch_importance_scores"][0].detach().sigmoid()
     patch_px = (k * H / h, k * W / w)
-    base = draw_boxes(image.float().cpu(), gt_xyxy)
-    left = overlay(base, patch_map_to_image(target.cpu(), grid, patch_px, (H, W)))
-    right = overlay(base, patch_map_to_image(q.cpu(), grid, patch_px, (H, W)))
-    return (torch.cat([left, right], dim=-1) * 255).to(torch.uint8)
+    target = cass.generate_soft_target_mask([gt_xyxy], (h, w), (H, W), k, dl.cass_config_from_dset(dset))[0]
+    q = info["patch_importance_scores"][0].detach().float().sigmoid()
+    kept = patch_rects(info["kept_patch_idx"][0].cpu(), grid, patch_px, (H, W))
+    fig = mask_panels_figure(image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy(), gt_xyxy.cpu(),
+                             patch_map_to_image(target.cpu(), grid, patch_px, (H, W)).numpy(),
+                             patch_map_to_image(q.cpu(), grid, patch_px, (H, W)).numpy(), kept,
+                             title=title or f"level {tuple(info['feat_shape'])} cells, patch {k}, keep ratio "
+                                            f"{float(info['keep_ratio']):.2f}")
+    return figure_to_array(fig)
 
 
 class DSETHook(TrainHook):
@@ -88,7 +93,9 @@ class DSETHook(TrainHook):
             return
         gt = dl.targets_to_abs_xyxy(targets, images.shape[-2:])
         for level, info in enumerate(infos):
-            img = cass_mask_figure(images[0], gt[0], info, self.dset)
+            img = cass_mask_figure(images[0], gt[0], info, self.dset,
+                                   title=f"step {trainer.global_step}, pruned level {level}, keep ratio "
+                                         f"{float(info['keep_ratio']):.2f}")
             trainer.logger.image(f"cass/mask_level{level}", img, trainer.global_step)
 
     def eval_batch(self, outputs, targets, images) -> Dict[str, Tensor]:
