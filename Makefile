@@ -20,6 +20,9 @@ data: $(STAMP)
 
 demo: data
 	$(VPY) train.py -c configs/demo_cpu.yaml --output-dir output/demo --overwrite
+	$(VPY) tools/infer.py -c configs/demo_cpu.yaml -r output/demo/last.pth --device cpu --score 0.3 \
+	  --input dataset/roadside_synth/images/val --limit 3 --out output/demo/infer
+	@echo "TensorBoard (losses, AP, DSET mask pictures cass/mask_level*): $(VENV)/bin/tensorboard --logdir output"
 
 test: $(STAMP)
 	$(VPY) -m pytest -q tests

@@ -26,7 +26,7 @@ def parse_args(argv=None):
     p.add_argument("-r", "--resume", help="training checkpoint (last.pth) to resume from")
     p.add_argument("-t", "--tuning", help="weights to tune from (official format or ours)")
     p.add_argument("--test-only", action="store_true", help="evaluate once and exit")
-    p.add_argument("--use-amp", action="store_true", help="mixed precision (CUDA only)")
+    p.add_argument("--use-amp", action="store_true", help="mixed precision (autocast in amp_dtype + GradScaler for float16; CUDA or CPU)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--seed", type=int, default=None, help="random seed (overrides the config)")
     p.add_argument("--output-dir", default=None, help="output directory (overrides the config)")

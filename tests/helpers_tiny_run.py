@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Dict, Iterable, List, Sequence
 
+import pytest
 import torch
 import yaml
 
@@ -107,6 +108,7 @@ def tiny_config_dict(data_root: Path, out_dir: Path, dset: bool = True, batch: i
         "print_freq": 1,
         "seed": 0,
         "deterministic": True,
+        "use_amp": False,  # the COCO recipe turns float16 AMP on; the tiny runs test fp32 unless they ask
         "max_iters_per_epoch": None,
         "input_size": list(hw),
         "use_ema": True,
@@ -177,3 +179,17 @@ def read_scalars(tb_dir: Path) -> Dict[str, List[tuple]]:
     acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(autouse=True)
+def one_thread_restored_torch_flags():
+    """Autouse fixture for in-process trainers (import it into the test module): one torch thread (tiny
+    tensors; immune to oversubscribed CPUs), and the global flags trainers set (deterministic algorithms,
+    seeds) restored afterwards."""
+    flag, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    rng, threads = torch.get_rng_state(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(flag, warn_only=warn_only)
+    torch.set_rng_state(rng)

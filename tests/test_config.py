@@ -4,6 +4,7 @@ import os
 import textwrap
 
 import pytest
+import torch
 
 from src.core import ConfigError, YAMLConfig
 from src.core.yaml_utils import load_yaml_config, parse_overrides
@@ -136,7 +137,7 @@ def test_docs_list_every_dset_key_with_its_default():
         assert f"| `{name}` | `{key.default}` |" in text, name
 
 
-@pytest.mark.parametrize("path", ["configs/rtdetrv2_r18vd_coco.yaml", "configs/dset4_r18_ratio0.3.yaml"])
+@pytest.mark.parametrize("path", ["configs/dset4_r18_ratio0.3.yaml", "configs/dset4_r18_synth_cpu.yaml"])
 def test_shipped_optimizer_groups_cover_every_parameter_once_without_decay_on_norms_and_biases(path):
     from src.optim.optimizer import build_optimizer, check_param_groups, params_with_unwanted_weight_decay
 
@@ -147,6 +148,34 @@ def test_shipped_optimizer_groups_cover_every_parameter_once_without_decay_on_no
     assert params_with_unwanted_weight_decay(model, opt) == []
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     assert lrs["backbone"] == lrs["backbone_norm_bias"] == 1e-5 and lrs["default"] == 1e-4
+
+
+def test_coco_config_follows_the_official_rtdetrv2_r18vd_120e_recipe():
+    """rtdetrv2_r18vd_120e_coco.yml and its includes: one group rule (norm/bn without weight decay), every
+    parameter at lr 1e-4 (backbone included), 120 epochs with the heavy augmentations off from 117, AMP, EMA."""
+    from src.optim.optimizer import build_optimizer, check_param_groups
+
+    cfg = YAMLConfig("configs/rtdetrv2_r18vd_coco.yaml")
+    model = cfg.model
+    opt = build_optimizer(model, cfg["optimizer"])
+    check_param_groups(model, opt)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert sorted(groups) == ["default", "norm"]
+    assert all(g["lr"] == 1e-4 for g in groups.values())
+    assert (groups["norm"]["weight_decay"], groups["default"]["weight_decay"]) == (0.0, 1e-4)
+    norm_params = {id(p) for m in model.modules() if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.LayerNorm))
+                   for p in m.parameters(recurse=False)}
+    assert {id(p) for p in groups["norm"]["params"]} == norm_params  # by module type, not by name
+    backbone_conv = model.backbone.conv1.conv1_1.conv.weight
+    assert any(p is backbone_conv for p in groups["default"]["params"])  # lr 1e-4, decayed
+    assert cfg["epochs"] == 120 and cfg["use_amp"] is True and cfg.get("amp_dtype", "float16") == "float16"
+    policy = cfg["train_dataloader"]["dataset"]["transforms"]["policy"]
+    assert policy == {"name": "stop_epoch", "epoch": 117,
+                      "ops": ["RandomPhotometricDistort", "RandomZoomOut", "RandomIoUCrop"]}
+    assert cfg["train_dataloader"]["collate_fn"]["scales"] is None
+    assert cfg["train_dataloader"]["total_batch_size"] == 16 and cfg["clip_max_norm"] == 0.1
+    assert cfg["ema"] == {"decay": 0.9999, "warmups": 2000} and cfg["use_ema"] is True
+    assert cfg["lr_warmup_scheduler"]["warmup_duration"] == 2000
 
 
 def test_dset_error_names_where_the_bad_value_was_set(tmp_path):

@@ -150,3 +150,16 @@ def test_cli_writes_a_dataset_that_coco_detection_loads(tmp_path, capsys):
     coco = json.loads((tmp_path / "annotations" / "instances_train.json").read_text())
     n_targets = sum(1 for a in coco["annotations"] if a["image_id"] == 2 and not a["iscrowd"])
     assert target["boxes"].shape[0] == n_targets
+
+
+def test_parallel_generation_gives_the_same_files_as_one_process(tmp_path):
+    serial = generate_dataset(str(tmp_path / "one"), num_train=3, num_val=1, width=160, height=96, seed=7,
+                              min_objects=4, max_objects=6, image_format="png", workers=1)
+    parallel = generate_dataset(str(tmp_path / "two"), num_train=3, num_val=1, width=160, height=96, seed=7,
+                                min_objects=4, max_objects=6, image_format="png", workers=2)
+    assert serial == parallel
+    for split, n in (("train", 3), ("val", 1)):
+        for i in range(n):
+            a = (tmp_path / "one" / "images" / split / f"{i:06d}.png").read_bytes()
+            b = (tmp_path / "two" / "images" / split / f"{i:06d}.png").read_bytes()
+            assert a == b

@@ -51,6 +51,7 @@ def test_tensorboard_has_every_loss_term_lr_grad_norm_and_the_dset_tags(tiny_run
                 "lr/backbone", "lr/default", "train/grad_norm", "train/iter_time", "dset/keep_ratio",
                 "dset/kept_tokens", "cass/top_left_loss", "cass/bottom_loss", "cass/small_obj_loss",
                 "eval/AP", "eval/AP50", "eval_bias/keep_recall_large", "eval_bias/centroid_dy",
+                "eval_bias/P4/keep_recall_large", "eval_bias/P5/keep_recall_near",
                 "moe/decoder.decoder.layers.0.moe/expert0"}
     assert expected <= scalars, expected - scalars
     assert [e.step for e in acc.Scalars("loss/total")] == [1, 2]

@@ -75,12 +75,12 @@ class BenchMode:
 MODES: Dict[str, BenchMode] = {m.key: m for m in (
     BenchMode("patch", "patch (original, r=0.8)", "patch", 0.8, 0.05, "configs/dset4_r18_ratio0.3.yaml"),
     BenchMode("A", "A: patch (r=0.3)", "patch", 0.3, 0.01, "configs/dset4_r18_ratio0.3_A.yaml"),
-    BenchMode("object", "B: object (r=0.3)", "object", 0.3, 0.05, "configs/dset4_r18_ratio0.3_B.yaml"),
+    BenchMode("object", "B: object (r=0.3)", "object", 0.3, 0.05, "configs/dset4_r18_ratio0.3_B_r0.3.yaml"),
     BenchMode("object_area", "C: object_area (r=0.3)", "object_area", 0.3, 0.05,
-              "configs/dset4_r18_ratio0.3_C.yaml"),
-    BenchMode("area_patch", "area_patch (r=0.3)", "area_patch", 0.3, 0.05, "(no config; r as B/C)"),
+              "configs/dset4_r18_ratio0.3_C_r0.3.yaml"),
+    BenchMode("area_patch", "area_patch (r=0.3)", "area_patch", 0.3, 0.05, "configs/dset4_r18_ratio0.3_area_patch_r0.3.yaml"),
     BenchMode("object_balanced", "object_balanced (r=0.3)", "object_balanced", 0.3, 0.05,
-              "configs/dset4_r18_ratio0.3_balanced.yaml"),
+              "configs/dset4_r18_ratio0.3_balanced_r0.3.yaml"),
 )}
 INIT_ROW = "untrained (step 0)"
 

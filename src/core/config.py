@@ -52,7 +52,9 @@ GLOBAL_KEYS: Dict[str, str] = {
     "clip_max_norm": "gradient clipping max norm (<= 0 disables)",
     "use_ema": "keep an EMA of the weights and evaluate it",
     "ema": "EMA settings {decay, warmups}",
-    "use_amp": "mixed precision on CUDA",
+    "use_amp": "mixed precision (autocast + GradScaler for float16) on CUDA and CPU",
+    "amp_dtype": "autocast dtype under use_amp: float16 (default; with GradScaler) or bfloat16 (no scaler)",
+    "amp_init_scale": "GradScaler's initial loss scale for float16 AMP (default 65536)",
     "sync_bn": "convert BatchNorm to SyncBatchNorm under DDP",
     "find_unused_parameters": "DDP find_unused_parameters",
     "output_dir": "where logs, checkpoints and eval json go",
@@ -66,6 +68,8 @@ GLOBAL_KEYS: Dict[str, str] = {
     "tuning": "weights file to tune from (same as -t)",
 }
 
+AMP_DTYPES = ("float16", "bfloat16")
+
 DATALOADER_KEYS = {
     "type": "DataLoader",
     "dataset": "{type: CocoDetection, ...}",
@@ -74,7 +78,7 @@ DATALOADER_KEYS = {
     "num_workers": "loader worker processes",
     "drop_last": "drop the last incomplete batch",
     "collate_fn": "{type: BatchImageCollateFunction, ...}",
-    "pin_memory": "pin host memory",
+    "pin_memory": "pin host memory (default: true on CUDA, false on CPU)",
 }
 
 # Sections validated by their own builders (src/optim) at build time, before training starts.
@@ -137,6 +141,7 @@ class YAMLConfig:
         for dl in ("train_dataloader", "val_dataloader"):
             if dl in cfg:
                 self._check_dataloader(cfg[dl], (dl,))
+        self._check_amp()
         self.sections: Dict[str, Any] = {}
         for name, (check, _) in sections.items():
             try:
@@ -151,6 +156,15 @@ class YAMLConfig:
         if sections is not None and name in sections:
             return sections[name]
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def _check_amp(self):
+        dtype, scale = self.yaml_cfg.get("amp_dtype", "float16"), self.yaml_cfg.get("amp_init_scale", 65536.0)
+        if dtype not in AMP_DTYPES:
+            raise ConfigError(f"{self.where(('amp_dtype',))} = {dtype!r} is invalid: must be one of "
+                              f"{', '.join(AMP_DTYPES)}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < scale < float("inf")):
+            raise ConfigError(f"{self.where(('amp_init_scale',))} = {scale!r} is invalid: must be a finite "
+                              f"number > 0 (GradScaler's initial loss scale, e.g. 65536)")
 
     def _check_component_section(self, name: str, section: Any, path: tuple):
         if section is None:

@@ -476,27 +476,48 @@ def render_scene(rng: np.random.Generator, camera: RoadsideCamera, scene: SceneC
 
 
 # --------------------------------------------------------------------------- dataset writing
+def _render_and_save(job) -> List[dict]:
+    """Worker: render image i of a split from its own seed and save it; returns its annotations."""
+    i, seed, split, camera, scene, img_dir, image_format = job
+    rng = np.random.default_rng([seed, SPLIT_CODES[split], i])
+    pixels, anns = render_scene(rng, camera, scene)
+    path = os.path.join(img_dir, f"{i:06d}.{image_format}")
+    if image_format == "jpg":
+        Image.fromarray(pixels).save(path, quality=92)
+    else:
+        Image.fromarray(pixels).save(path)
+    return anns
+
+
 def generate_split(out_dir: str, split: str, num_images: int, seed: int, camera: RoadsideCamera,
-                   scene: SceneConfig, image_format: str = "jpg") -> dict:
-    """Render ``num_images`` images into ``out_dir/images/{split}`` and return the COCO dict."""
+                   scene: SceneConfig, image_format: str = "jpg", workers: int = 1) -> dict:
+    """Render ``num_images`` images into ``out_dir/images/{split}`` and return the COCO dict.
+
+    ``workers`` > 1 renders in that many processes. Image i always uses its own generator
+    ``default_rng([seed, split_code, i])`` and results are collected in image order, so the output is
+    the same for any number of workers.
+    """
     if split not in SPLIT_CODES:
         raise ValueError(f"split must be one of {sorted(SPLIT_CODES)}, got {split!r}")
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     img_dir = os.path.join(out_dir, "images", split)
     os.makedirs(img_dir, exist_ok=True)
+    jobs = [(i, seed, split, camera, scene, img_dir, image_format) for i in range(num_images)]
+    if workers > 1 and num_images > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(min(workers, num_images)) as pool:
+            per_image = pool.map(_render_and_save, jobs, chunksize=max(1, num_images // (8 * workers)))
+    else:
+        per_image = [_render_and_save(job) for job in jobs]
     images, annotations = [], []
-    for i in range(num_images):
-        rng = np.random.default_rng([seed, SPLIT_CODES[split], i])
-        pixels, anns = render_scene(rng, camera, scene)
-        file_name = f"{i:06d}.{image_format}"
-        path = os.path.join(img_dir, file_name)
-        if image_format == "jpg":
-            Image.fromarray(pixels).save(path, quality=92)
-        else:
-            Image.fromarray(pixels).save(path)
+    for i, anns in enumerate(per_image):
         image_id = i + 1
-        images.append({"id": image_id, "file_name": file_name, "width": camera.width, "height": camera.height})
+        images.append({"id": image_id, "file_name": f"{i:06d}.{image_format}", "width": camera.width,
+                       "height": camera.height})
         for ann in anns:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, **ann})
     return {
@@ -510,10 +531,11 @@ def generate_split(out_dir: str, split: str, num_images: int, seed: int, camera:
 
 def generate_dataset(out_dir: str, num_train: int = 48, num_val: int = 16, width: int = 640, height: int = 360,
                      seed: int = 0, min_objects: int = 20, max_objects: int = 40,
-                     image_format: str = "jpg") -> Dict[str, dict]:
+                     image_format: str = "jpg", workers: int = 1) -> Dict[str, dict]:
     """Write ``out_dir/images/{train,val}`` and ``out_dir/annotations/instances_{train,val}.json``.
 
-    Returns the COCO dict of each split. Deterministic for a given seed and arguments.
+    Returns the COCO dict of each split. Deterministic for a given seed and arguments, whatever
+    ``workers`` (processes rendering in parallel).
     """
     if width < 64 or height < 64:
         raise ValueError(f"image size {width}x{height} is too small; use at least 64x64")
@@ -524,7 +546,7 @@ def generate_dataset(out_dir: str, num_train: int = 48, num_val: int = 16, width
     os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
     result = {}
     for split, n in (("train", num_train), ("val", num_val)):
-        coco = generate_split(out_dir, split, n, seed, camera, scene, image_format)
+        coco = generate_split(out_dir, split, n, seed, camera, scene, image_format, workers)
         with open(os.path.join(out_dir, "annotations", f"instances_{split}.json"), "w", encoding="utf-8") as f:
             json.dump(coco, f)
         result[split] = coco

@@ -55,6 +55,7 @@ def trainer_state(tr, epoch: int, rng_per_rank: list | None = None) -> dict:
         "step": tr.global_step,
         "best_ap": tr.best_ap,
         "nonfinite_skipped": tr.nonfinite_skipped,
+        "amp_overflow_steps": tr.amp_overflow_steps,
         "config": json.loads(json.dumps(tr.cfg.yaml_cfg, default=str)),  # plain types only (safe load)
         "rng": rng,
         "rng_per_rank": rng_per_rank if rng_per_rank is not None else [rng],
@@ -90,20 +91,40 @@ def load_trainer_state(tr, path: str):
             tr.ema.load_state_dict(ckpt["ema"])
         tr.optimizer.load_state_dict(ckpt["optimizer"])
         tr.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-        tr.scaler.load_state_dict(ckpt["scaler"])
     except (KeyError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path} (-r): does not match the run built from the config ({type(e).__name__}: "
                               f"{str(e).splitlines()[0]}). Resume with the config that wrote it, or start a new "
                               f"run from its weights with -t {path}") from e
+    load_scaler_state(tr, ckpt.get("scaler") or {}, path)
     tr.start_epoch = int(ckpt["epoch"]) + 1
     tr.global_step = int(ckpt["step"])
     tr.best_ap = float(ckpt["best_ap"])
     tr.nonfinite_skipped = int(ckpt.get("nonfinite_skipped", 0))
+    tr.amp_overflow_steps = int(ckpt.get("amp_overflow_steps", 0))
     tr.last_saved_epoch = int(ckpt["epoch"])
     restore_rng(tr, ckpt, path)
     if tr.is_main:
         print(f"[resume] {path}: evaluating the weights of epoch {tr.start_epoch - 1}" if tr.test_only else
               f"[resume] {path}: continuing at epoch {tr.start_epoch}, step {tr.global_step}")
+
+
+def load_scaler_state(tr, state: dict, path: str):
+    """The GradScaler across AMP on/off: a checkpoint written without float16 AMP (every CPU run before, any
+    bfloat16 or fp32 run) holds an empty scaler state; resuming it with float16 AMP starts a fresh scaler at
+    ``amp_init_scale``. A float16 AMP checkpoint resumed without a scaler drops its scale. Both say so."""
+    if tr.scaler.is_enabled() and state:
+        try:
+            tr.scaler.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{path} (-r): its GradScaler state cannot be loaded ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0]}); resume without --use-amp, or start a new run "
+                                  f"from its weights with -t {path}") from e
+    elif tr.scaler.is_enabled() and tr.is_main:
+        print(f"[resume] {path} was written without float16 AMP (no GradScaler state): a fresh scaler starts "
+              f"at amp_init_scale = {tr.scaler.get_scale():g}")
+    elif state and tr.is_main:
+        print(f"[resume] {path} was written with float16 AMP (loss scale {float(state.get('scale', 0)):g}); this "
+              f"run has no GradScaler (use_amp off or amp_dtype bfloat16): the scaler state is not used")
 
 
 def restore_rng(tr, ckpt: dict, path: str):

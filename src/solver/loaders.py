@@ -24,7 +24,9 @@ def largest_stride(model: nn.Module) -> int:
     return max(strides) if strides else 1
 
 
-def build_loader(cfg, key: str, train: bool, seed: int) -> DataLoader:
+def build_loader(cfg, key: str, train: bool, seed: int, device: torch.device) -> DataLoader:
+    """The loader of section ``key``; ``pin_memory`` defaults to true on CUDA (page-locked batches make the
+    trainer's ``non_blocking`` copies asynchronous) and false on CPU (nothing to copy)."""
     section = cfg[key]
     ds_spec = section.get("dataset")
     if ds_spec is None:
@@ -44,7 +46,7 @@ def build_loader(cfg, key: str, train: bool, seed: int) -> DataLoader:
     return DataLoader(dataset, batch_size=total_bs // world, sampler=sampler,
                       num_workers=int(section.get("num_workers", 0)), collate_fn=collate,
                       drop_last=bool(section.get("drop_last", False)),
-                      pin_memory=bool(section.get("pin_memory", False)),
+                      pin_memory=bool(section.get("pin_memory", torch.device(device).type == "cuda")),
                       persistent_workers=False, generator=generator)
 
 

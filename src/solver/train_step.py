@@ -1,10 +1,23 @@
 """One optimisation step of the trainer and its non-finite handling.
 
-``train_step(trainer, images, targets, epoch, i)`` runs forward (under autocast when AMP is on), the loss
-(criterion + the hooks' extra losses, in float32), the scaled backward, unscale, clipping, and ONE
-all-reduced flag that tells every rank whether the step is bad; then either the optimizer / scaler / EMA
-step, or the skip (``handle_nonfinite``: counted, buffers restored, or NonFiniteLossError once the allowed
-skips are used up). Every rank takes the same branch, so none waits in a collective the others skip.
+``train_step(trainer, images, targets, epoch, i)`` runs forward (under autocast in ``amp_dtype`` when AMP is
+on, on CUDA and CPU alike), the loss (criterion + the hooks' extra losses, in float32), the scaled backward,
+unscale, clipping, and ONE all-reduce of two flags that tells every rank whether the step is bad and whether
+the float16 GradScaler overflowed; then one of three branches, the same on every rank, so none waits in a
+collective the others skip:
+
+* applied: optimizer step through the scaler, EMA update;
+* AMP overflow (scaled gradients not finite, float16 only): the scaler skips the update and lowers its
+  scale, as GradScaler intends; counted in ``trainer.amp_overflow_steps``; the EMA is not updated and the
+  (non-finite) gradient norm is not reported;
+* non-finite loss or (without a scaler) gradient: ``handle_nonfinite`` counts it, restores the buffers, or
+  raises NonFiniteLossError once the allowed skips are used up.
+
+Non-finite model OUTPUTS (pred_logits / pred_boxes of any layer, aux, encoder, denoising, DSET scores) are
+caught earlier, right after the forward pass and before the criterion, whose matcher cannot match NaN
+boxes: a first all-reduced flag makes every rank skip the loss and the backward together (the same
+counting and stopping), so no rank raises alone while the others wait in the criterion's or DDP's
+all-reduce.
 """
 from __future__ import annotations
 
@@ -24,7 +37,8 @@ class StepResult(NamedTuple):
     outputs: dict
     losses: Dict[str, torch.Tensor]
     total: torch.Tensor
-    grad_norm: torch.Tensor
+    grad_norm: torch.Tensor | None  # None when the step overflowed under AMP (the norm is inf/NaN)
+    overflow: bool = False
 
 
 def skip_buffers(model, max_skips: int) -> List[torch.Tensor]:
@@ -33,6 +47,29 @@ def skip_buffers(model, max_skips: int) -> List[torch.Tensor]:
     if max_skips <= 0:
         return []
     return [b for b in dist.unwrap_model(model).buffers() if b.is_floating_point() or b.dtype == torch.long]
+
+
+def named_float_tensors(obj, prefix: str = ""):
+    """(name, tensor) of every floating-point tensor in a nested output dict / list, e.g.
+    ``aux_outputs.2.pred_boxes``, in a fixed order (the same on every rank for the same model)."""
+    if torch.is_tensor(obj):
+        if obj.is_floating_point():
+            yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from named_float_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from named_float_tensors(v, f"{prefix}.{i}")
+
+
+def nonfinite_outputs(outputs: dict) -> tuple:
+    """(names, flags): the output tensors' names and a bool tensor [N], True where one holds NaN/inf."""
+    named = list(named_float_tensors(outputs))
+    if not named:
+        return [], torch.zeros(0, dtype=torch.bool)
+    flags = torch.stack([~torch.isfinite(t.detach()).all() for _, t in named])
+    return [n for n, _ in named], flags
 
 
 def loss_dict(tr, outputs, targets, images, epoch) -> Dict[str, torch.Tensor]:
@@ -47,8 +84,13 @@ def train_step(tr, images, targets, epoch: int, i: int, buffers: List[torch.Tens
     """One step on every rank; returns None when the step was skipped (every rank skips together)."""
     model = tr.model
     saved_buffers = [b.clone() for b in buffers]
-    with torch.autocast(device_type=tr.device.type, enabled=tr.use_amp):
+    with torch.autocast(device_type=tr.device.type, dtype=tr.amp_dtype, enabled=tr.use_amp):
         outputs = model(images, targets)
+    names, out_bad = nonfinite_outputs(outputs)
+    if dist.all_reduce_sum(out_bad.any().float()) > 0:  # before the matcher, on every rank together
+        bad = [f"model output {n}" for n, b in zip(names, out_bad.tolist()) if b]
+        _skip(tr, bad, epoch, i, max_skips, buffers, saved_buffers, unscaled=False)
+        return None
     with torch.autocast(device_type=tr.device.type, enabled=False):
         losses = loss_dict(tr, outputs, targets, images, epoch)
     total = sum(losses.values())
@@ -59,43 +101,60 @@ def train_step(tr, images, targets, epoch: int, i: int, buffers: List[torch.Tens
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = (torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0
                  else torch.nn.utils.get_total_norm([p.grad for p in params]))
-    # one flag for all ranks (one sync per step): every rank skips or stops together instead of hanging.
-    # Under AMP an inf gradient is the GradScaler's business (it skips the step and lowers the scale).
-    bad = ~torch.isfinite(total.detach())
-    if not tr.use_amp:
-        bad = bad | ~torch.isfinite(grad_norm)
-    if dist.all_reduce_sum(bad.float()) > 0:
-        handle_nonfinite(tr, losses, total, grad_norm, epoch, i, max_skips)
-        with torch.no_grad():
-            for b, saved in zip(buffers, saved_buffers):
-                b.copy_(saved)
-        tr.optimizer.zero_grad(set_to_none=True)
-        tr.scaler.update()  # closes the unscale_ above; lowers the AMP scale
-        tr.lr_scheduler.step()  # the schedule follows iterations, skipped or not
-        tr.global_step += 1
+    # one all-reduce for all ranks (one sync per step): every rank skips or stops together instead of hanging.
+    # With a GradScaler (float16) an inf gradient is the scaler's business: it skips the step, lowers the scale.
+    grad_bad = ~torch.isfinite(grad_norm)
+    scaled = tr.scaler.is_enabled()
+    bad = ~torch.isfinite(total.detach()) | (grad_bad & (not scaled))
+    n_bad, n_overflow = dist.all_reduce_sum(torch.stack([bad, grad_bad & scaled]).float()).tolist()
+    if n_bad > 0:
+        _skip(tr, nonfinite_loss_terms(losses, total, grad_norm, scaled), epoch, i, max_skips, buffers,
+              saved_buffers, unscaled=True)
         return None
 
-    tr.scaler.step(tr.optimizer)
+    tr.scaler.step(tr.optimizer)  # skips optimizer.step when the scaled gradients overflowed
     tr.scaler.update()
-    if tr.ema:
+    overflow = n_overflow > 0
+    if overflow:
+        tr.amp_overflow_steps += 1
+    elif tr.ema:
         tr.ema.update(model)
     tr.lr_scheduler.step()
     tr.global_step += 1
-    return StepResult(outputs, losses, total, grad_norm)
+    return StepResult(outputs, losses, total, None if overflow else grad_norm, overflow)
 
 
-def handle_nonfinite(tr, losses, total, grad_norm, epoch, i, max_skips):
-    """Count a non-finite step; raise NonFiniteLossError naming the terms once the skips are used up.
+def _skip(tr, local_bad: List[str], epoch, i, max_skips, buffers, saved_buffers, unscaled: bool):
+    """Skip a bad step on every rank: count it (or stop), undo its buffer changes, keep the schedule going."""
+    handle_nonfinite(tr, local_bad, epoch, i, max_skips)
+    with torch.no_grad():
+        for b, saved in zip(buffers, saved_buffers):
+            b.copy_(saved)
+    tr.optimizer.zero_grad(set_to_none=True)
+    if unscaled:
+        tr.scaler.update()  # closes the unscale_ of the step; lowers the AMP scale
+    tr.lr_scheduler.step()  # the schedule follows iterations, skipped or not
+    tr.global_step += 1
 
-    Called on every rank together (the flag is all-reduced); the offending terms are gathered so that
-    every rank's message names them."""
+
+def nonfinite_loss_terms(losses, total, grad_norm, scaled: bool) -> List[str]:
+    """What was not finite on this rank: the loss terms, else their sum, else (without a scaler) the norm."""
     local = [f"{k}={float(v.detach())}" for k, v in losses.items() if not torch.isfinite(v).all()]
     if not local and not torch.isfinite(total):
         local = [f"the sum of the loss terms={float(total.detach())} (every term finite)"]
-    if not local and not tr.use_amp and not torch.isfinite(grad_norm):
+    if not local and not scaled and not torch.isfinite(grad_norm):
         local = [f"gradient norm={float(grad_norm)} (loss terms finite: the backward pass produced NaN/inf)"]
-    per_rank = dist.all_gather_object(local)
+    return local
+
+
+def handle_nonfinite(tr, local_bad: List[str], epoch, i, max_skips):
+    """Count a non-finite step; raise NonFiniteLossError naming what was bad once the skips are used up.
+
+    Called on every rank together (the flag is all-reduced); what each rank found is gathered so that
+    every rank's message names it (with the rank under DDP)."""
+    per_rank = dist.all_gather_object(local_bad)
     bad = [f"{term} (rank {r})" if len(per_rank) > 1 else term for r, terms in enumerate(per_rank) for term in terms]
+    what = "model output" if any(t.startswith("model output") for t in bad) else "loss"
     tr.nonfinite_skipped += 1
     tr.logger.scalars({"train/nonfinite_skipped": tr.nonfinite_skipped}, tr.global_step)
     where = f"step {tr.global_step} (epoch {epoch}, iteration {i})"
@@ -108,7 +167,7 @@ def handle_nonfinite(tr, losses, total, grad_norm, epoch, i, max_skips):
             keep = "No checkpoint was written yet (this is the first epoch of the run)."
         used = f" ({max_skips} skipped step(s) allowed and used)" if max_skips else ""
         raise NonFiniteLossError(
-            f"non-finite loss at {where}: {', '.join(bad)}{used}. {keep} Lower the learning rate, check the data "
+            f"non-finite {what} at {where}: {', '.join(bad)}{used}. {keep} Lower the learning rate, check the data "
             f"and the loss weights, or allow skipping bad steps with skip_nonfinite_steps: N")
     if tr.is_main:
         print(f"[warn] skipped the step at {where}: non-finite {', '.join(bad)} "

@@ -68,7 +68,8 @@ class Trainer:
         self.device = torch.device(device)
         self.output_dir = output_dir or cfg.get("output_dir", "./output/run")
         self.seed = cfg.get("seed", 0) if seed is None else seed
-        self.use_amp = bool(cfg.get("use_amp", False) if use_amp is None else use_amp) and self.device.type == "cuda"
+        self.use_amp = bool(cfg.get("use_amp", False) if use_amp is None else use_amp)  # CUDA and CPU alike
+        self.amp_dtype = getattr(torch, cfg.get("amp_dtype", "float16"))  # validated: float16 | bfloat16
         self.resume_path = resume
         self.tuning_path = tuning or cfg.get("tuning")
         self.trusted = trusted_checkpoint
@@ -98,7 +99,7 @@ class Trainer:
         check_loss_weights(cfg, self.criterion)
         self.postprocessor = self._build("postprocessor", lambda: cfg.postprocessor).to(self.device)
 
-        loaders = {key: build_loader(cfg, key, train=key.startswith("train"), seed=self.seed) if key in cfg else None
+        loaders = {key: build_loader(cfg, key, key.startswith("train"), self.seed, self.device) if key in cfg else None
                    for key in ("train_dataloader", "val_dataloader")}
         self.train_loader, self.val_loader = loaders["train_dataloader"], loaders["val_dataloader"]
         check_num_classes(cfg, loaders.values())
@@ -112,7 +113,9 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.get("lr_scheduler"),
                                                cfg.get("lr_warmup_scheduler"), self.iters_per_epoch, self.epochs)
         self.ema = ModelEMA(self.model, **cfg.get("ema", {})) if cfg.get("use_ema", False) else None
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        # float16 needs loss scaling (its range ends at 65504); bfloat16 has float32's range and runs without
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=float(cfg.get("amp_init_scale", 65536.0)),
+                                           enabled=self.use_amp and self.amp_dtype == torch.float16)
 
         if self.distributed:
             find_unused = bool(cfg.get("find_unused_parameters", False))
@@ -128,7 +131,7 @@ class Trainer:
 
         self.logger = TrainLogger(self.output_dir, enabled=self.is_main)
         self.start_epoch, self.global_step, self.best_ap = 0, 0, -1.0
-        self.nonfinite_skipped = 0
+        self.nonfinite_skipped, self.amp_overflow_steps = 0, 0
         if self.resume_path:
             self.load_state(self.resume_path)
 
@@ -159,7 +162,9 @@ class Trainer:
         try:
             for epoch in range(self.start_epoch, self.epochs):
                 train_stats = self.train_one_epoch(epoch)
-                record = {"epoch": epoch, "step": self.global_step, "train": train_stats}
+                record = {"epoch": epoch, "step": self.global_step, "train": train_stats,
+                          "skipped_steps": {"amp_overflow": self.amp_overflow_steps,
+                                            "nonfinite": self.nonfinite_skipped}}  # run totals
                 # the RNG state saved here is where the next epoch starts; evaluation below must not move it
                 self.save("last.pth", epoch)
                 freq = int(self.cfg.get("checkpoint_freq", 0) or 0)
@@ -192,13 +197,14 @@ class Trainer:
         clip = float(cfg.get("clip_max_norm", 0.0) or 0.0)
         max_skips = int(cfg.get("skip_nonfinite_steps", 0) or 0)
         progress = ProgressMeter(self.iters_per_epoch, header=f"epoch {epoch}/{self.epochs}", enabled=self.is_main)
-        t_last = time.time()
+        t_last, i_last = time.time(), -1  # time and iteration of the last logged step
         sums: Dict[str, torch.Tensor] = {}
         n_done = 0
         buffers = skip_buffers(model, max_skips)
         for i, (images, targets) in enumerate(itertools.islice(self.train_loader, self.iters_per_epoch)):
             images = images.to(self.device, non_blocking=True)
-            targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+            targets = [{k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+                       for t in targets]
             step = train_step(self, images, targets, epoch, i, buffers, clip, max_skips)
             if step is None:
                 continue
@@ -208,8 +214,8 @@ class Trainer:
             n_done += 1
 
             if i % self.print_freq == 0 or i == self.iters_per_epoch - 1:
-                iter_time = (time.time() - t_last) / (1 if i == 0 else min(self.print_freq, i))
-                t_last = time.time()
+                iter_time = (time.time() - t_last) / (i - i_last)  # mean over the iterations since the last log
+                t_last, i_last = time.time(), i
                 self._log_step(step, iter_time, targets, images, progress, i)
             for hook in self.hooks:
                 hook.after_step(self, step.outputs, targets, images)
@@ -221,8 +227,14 @@ class Trainer:
         total = reduced.pop("loss_total")
         scalars = {f"loss/{k[5:] if k.startswith('loss_') else k}": v for k, v in reduced.items()}
         scalars["loss/total"] = total
-        scalars["train/grad_norm"] = step.grad_norm
+        if step.grad_norm is not None:  # only finite norms: an AMP overflow step has none
+            scalars["train/grad_norm"] = step.grad_norm
         scalars["train/iter_time"] = iter_time
+        if self.scaler.is_enabled():
+            scalars["train/amp_overflow_steps"] = self.amp_overflow_steps
+            scalars["train/amp_scale"] = self.scaler.get_scale()
+        if self.device.type == "cuda":
+            scalars["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         for g in self.optimizer.param_groups:
             scalars[f"lr/{g.get('name', 'group')}"] = g["lr"]
         for hook in self.hooks:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from src.core.hooks import TrainHook, register_hooks
-from src.misc.visualize import draw_boxes, overlay, patch_map_to_image
+from src.misc.visualize import figure_to_array, mask_panels_figure, patch_map_to_image, patch_rects
 from src.zoo.rtdetr import cass
 from src.zoo.rtdetr import dset_losses as dl
 
@@ -21,23 +21,28 @@ BIAS_GROUPS = ("small", "medium", "large", "far", "near")
 
 
 @torch.no_grad()
-def cass_mask_figure(image: Tensor, gt_xyxy: Tensor, info: dict, dset: dict) -> Tensor:
-    """Target Y (left) and predicted q = sigmoid(logit) (right) over the first image of a batch.
+def cass_mask_figure(image: Tensor, gt_xyxy: Tensor, info: dict, dset: dict, title: str = ""):
+    """The CASS picture of one image: three titled panels (target mask, predicted keep probability, kept
+    top-K) with a colour bar, the GT boxes on every panel and the kept patches outlined.
 
     image: [3, H, W] (the padded input, values in [0, 1]); gt_xyxy: [N, 4] absolute pixels of that input;
-    info: one pruned level's info dict; returns a uint8 tensor [3, H, 2W].
+    info: one pruned level's info dict (the first image of its batch is drawn).
+    Returns a uint8 numpy array [H', W', 3] (TrainLogger.image, PIL).
     """
     H, W = image.shape[-2:]
     h, w = info["feat_shape"]
     k = dset["patch_size"]
     grid = cass.patch_grid((h, w), k)
-    target = cass.generate_soft_target_mask([gt_xyxy], (h, w), (H, W), k, dl.cass_config_from_dset(dset))[0]
-    q = info["patch_importance_scores"][0].detach().sigmoid()
     patch_px = (k * H / h, k * W / w)
-    base = draw_boxes(image.float().cpu(), gt_xyxy)
-    left = overlay(base, patch_map_to_image(target.cpu(), grid, patch_px, (H, W)))
-    right = overlay(base, patch_map_to_image(q.cpu(), grid, patch_px, (H, W)))
-    return (torch.cat([left, right], dim=-1) * 255).to(torch.uint8)
+    target = cass.generate_soft_target_mask([gt_xyxy], (h, w), (H, W), k, dl.cass_config_from_dset(dset))[0]
+    q = info["patch_importance_scores"][0].detach().float().sigmoid()
+    kept = patch_rects(info["kept_patch_idx"][0].cpu(), grid, patch_px, (H, W))
+    fig = mask_panels_figure(image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy(), gt_xyxy.cpu(),
+                             patch_map_to_image(target.cpu(), grid, patch_px, (H, W)).numpy(),
+                             patch_map_to_image(q.cpu(), grid, patch_px, (H, W)).numpy(), kept,
+                             title=title or f"level {tuple(info['feat_shape'])} cells, patch {k}, keep ratio "
+                                            f"{float(info['keep_ratio']):.2f}")
+    return figure_to_array(fig)
 
 
 class DSETHook(TrainHook):
@@ -45,7 +50,24 @@ class DSETHook(TrainHook):
         self.dset = dset
 
     def unused_parameter_reasons(self) -> List[str]:
-        return ["DSET token pruner (no gradient while pruning warms up or without CASS / straight-through gate)"]
+        """When the pruner's scorer can get no gradient in a step (DDP then needs find_unused_parameters).
+
+        The scorer computes every level's patch logits in every step (warmup and kept-everything levels
+        included). With CASS on, the CASS loss on those logits reaches the scorer in every step (a zero
+        weight during cass_warmup_epochs or a batch without boxes still back-propagates zeros, and DDP only
+        asks that every parameter gets a gradient). Without CASS only the straight-through gate reaches it,
+        and only in steps that prune: never during token_pruning_warmup_epochs or with keep_ratio 1 (nor
+        with the gate off). Everything else of DSET (routers, stacked experts) is used in every step.
+        Without CASS, a level so small that every patch is kept anyway (P <= min_patches) leaves it unused
+        too: set ``find_unused_parameters: true`` for such tiny inputs.
+        """
+        d = self.dset
+        if d["use_cass"]:
+            return []
+        if d["straight_through_gate"] and d["token_pruning_warmup_epochs"] == 0 and d["keep_ratio"] < 1:
+            return []
+        return ["DSET token pruner without CASS: its scorer gets a gradient only through the straight-through gate "
+                "in steps that prune (not during token_pruning_warmup_epochs, with keep_ratio 1 or the gate off)"]
 
     def extra_losses(self, outputs, targets, images, epoch, model) -> Dict[str, Tensor]:
         return dl.dset_losses(outputs, targets, images.shape[-2:], self.dset, epoch, model)
@@ -71,7 +93,9 @@ class DSETHook(TrainHook):
             return
         gt = dl.targets_to_abs_xyxy(targets, images.shape[-2:])
         for level, info in enumerate(infos):
-            img = cass_mask_figure(images[0], gt[0], info, self.dset)
+            img = cass_mask_figure(images[0], gt[0], info, self.dset,
+                                   title=f"step {trainer.global_step}, pruned level {level}, keep ratio "
+                                         f"{float(info['keep_ratio']):.2f}")
             trainer.logger.image(f"cass/mask_level{level}", img, trainer.global_step)
 
     def eval_batch(self, outputs, targets, images) -> Dict[str, Tensor]:
@@ -84,7 +108,8 @@ class DSETHook(TrainHook):
         for info in infos:
             stats = cass.keep_bias_stats(info["patch_importance_scores"], gt, info["feat_shape"], images.shape[-2:],
                                          self.dset["patch_size"], self.dset["keep_ratio"], cfg,
-                                         min_patches=self.dset["min_patches"])
+                                         min_patches=self.dset["min_patches"],
+                                         level=cass.level_name(info["feat_shape"], images.shape[-2:]))
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0) + v.detach().double()
         return sums
@@ -93,7 +118,8 @@ class DSETHook(TrainHook):
         return {"dset_bias": cass.finalize_keep_bias(sums)} if sums else {}
 
     def eval_scalars(self, stats) -> Dict[str, float]:
-        return {f"eval_bias/{k}": v for k, v in (stats.get("dset_bias") or {}).items()}
+        # per level: eval_bias/P4/keep_recall_small next to the pooled eval_bias/keep_recall_small
+        return {f"eval_bias/{cass.bias_tag(k)}": v for k, v in (stats.get("dset_bias") or {}).items()}
 
     def eval_report(self, stats) -> str:
         bias = stats.get("dset_bias")

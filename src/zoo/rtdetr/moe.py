@@ -66,6 +66,9 @@ class MoEFFN(nn.Module):
         self.b2 = nn.Parameter(torch.empty(num_experts, d_model))
         self.reset_parameters()
         self.last_aux: dict | None = None  # set by every forward
+        # True: every expert runs on every token and the top-k weights select (no host sync, no
+        # data-dependent shapes): what graph export needs (tools/export_onnx.py); E / top_k x the FFN work
+        self.dense_dispatch = False
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -120,12 +123,27 @@ class MoEFFN(nn.Module):
             outputs.append(F.linear(h, self.w2[e], self.b2[e]))
         return torch.cat(outputs, 0)
 
+    def forward_dense_dispatch(self, flat: torch.Tensor) -> torch.Tensor:
+        """The same mixture as ``forward`` for flat tokens [T, D] -> [T, D], computed by running every
+        expert on every token and weighting with the top-k routing weights (zero for experts not chosen).
+        Traceable with fixed shapes (graph export); ``num_experts / top_k`` times the expert FLOPs."""
+        _, top_idx, top_weight = self.route(flat)
+        combine = torch.zeros(flat.shape[0], self.num_experts, dtype=top_weight.dtype, device=flat.device)
+        combine = combine.scatter(1, top_idx, top_weight)                                  # [T, E]
+        h = torch.einsum("td,efd->tef", flat, self.w1) + self.b1                           # [T, E, F]
+        h = self.dropout(self.activation(h))
+        y = torch.einsum("tef,edf->ted", h, self.w2) + self.b2                             # [T, E, D]
+        return (combine.unsqueeze(-1).to(y.dtype) * y).sum(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> y [..., D]; sets ``self.last_aux`` (balance_loss scalar with graph,
         expert_fraction [E], router_prob [E])."""
         if x.shape[-1] != self.d_model:
             raise ValueError(f"MoEFFN: input last dim {x.shape[-1]} != d_model {self.d_model}")
         flat = x.reshape(-1, self.d_model)
+        if self.dense_dispatch:
+            self.last_aux = None  # no balance statistics on the export path
+            return self.forward_dense_dispatch(flat).view_as(x)
         num_tokens, k, num_experts = flat.shape[0], self.top_k, self.num_experts
         if num_tokens == 0:
             zero = self.gate.weight.sum() * 0

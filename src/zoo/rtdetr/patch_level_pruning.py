@@ -13,7 +13,8 @@ the slot's token is a duplicate that the encoder must mask (key padding) and not
 
 Straight-through gate: kept tokens are multiplied by ``1 + s - stopgrad(s)`` with s = sigmoid(patch logit),
 written as ``x + x * (s - stopgrad(s))`` so the forward values are bit-identical to the gathered tokens
-while the detection loss sends ``dL/ds = <dL/dx, x>`` to the importance predictor.
+while the detection loss sends ``dL/ds = <dL/dx, x>`` to the importance predictor. Without autograd (inference,
+export) the gate is skipped: it changes no value.
 
 The CASS loss supervising the patch logits lives in ``cass.py`` (maths in /work/shared/CASS_SPEC.md);
 the seeds' method names are kept here as thin wrappers.
@@ -157,8 +158,8 @@ class PatchLevelPruner(nn.Module):
         token_logits = self.importance_predictor(tokens).squeeze(-1)
         token_logits = token_logits.to(torch.promote_types(token_logits.dtype, torch.float32))  # under autocast
         patch_logits = patch_mean_logits(token_logits, (h, w), self.patch_size)
-        num_patches = patch_logits.shape[1]
         grid = cass.patch_grid((h, w), self.patch_size)
+        num_patches = int(grid[0]) * int(grid[1])  # a Python int (also under tracing: a graph constant)
         self._last_patch_grid = tuple(grid)
 
         ratio = self.current_keep_ratio if (self.training or self.prune_in_eval) else 1.0
@@ -175,7 +176,7 @@ class PatchLevelPruner(nn.Module):
         kept_patch_idx = torch.topk(patch_logits.detach(), n_keep, dim=1).indices.sort(dim=1).values
         kept_idx, kept_valid = patch_token_index(kept_patch_idx, (h, w), self.patch_size)
         kept = torch.gather(tokens, 1, kept_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        if self.straight_through_gate:
+        if self.straight_through_gate and torch.is_grad_enabled():  # value-neutral: skipped at inference
             s = torch.gather(patch_logits, 1, kept_patch_idx).sigmoid()
             gate = (s - s.detach()).repeat_interleave(self.patch_size ** 2, dim=1).unsqueeze(-1)
             kept = kept + kept * gate.to(kept.dtype)            # == kept in value, gradient reaches s

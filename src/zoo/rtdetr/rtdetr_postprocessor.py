@@ -53,6 +53,12 @@ class RTDETRPostProcessor(nn.Module):
             B dicts: 'labels' int64 [K], 'boxes' [K, 4] xyxy in (w, h) pixels, 'scores' [K], sorted by
             score; K = num_top_queries (focal) or min(Q, num_top_queries) (softmax).
         """
+        labels, boxes, scores = self.forward_batched(outputs, orig_target_sizes)
+        return [{"labels": lab, "boxes": box, "scores": sco} for lab, box, sco in zip(labels, boxes, scores)]
+
+    def forward_batched(self, outputs: Dict[str, Tensor], orig_target_sizes: Tensor):
+        """The same detections as batched tensors (the ONNX deployment outputs):
+        labels int64 [B, K], boxes [B, K, 4] xyxy pixels, scores [B, K]."""
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         scale = orig_target_sizes.to(boxes.dtype).repeat(1, 2).unsqueeze(1)  # [B, 1, 4] (w, h, w, h)
         boxes = box_cxcywh_to_xyxy(boxes) * scale
@@ -72,4 +78,4 @@ class RTDETRPostProcessor(nn.Module):
 
         if self.remap_mscoco_category:
             labels = self.category_ids.to(labels.device)[labels]
-        return [{"labels": lab, "boxes": box, "scores": sco} for lab, box, sco in zip(labels, boxes, scores)]
+        return labels, boxes, scores

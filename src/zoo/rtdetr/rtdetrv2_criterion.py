@@ -43,8 +43,10 @@ def varifocal_loss(logits: Tensor, match: Match, labels: Tensor, scores: Tensor,
     scores [N] target score of each matched pair (the IoU of the prediction with its target,
     no gradient). A matched (query, label) entry has target ``score`` and weight ``score``;
     every other entry has target 0 and weight ``alpha * sigmoid(logit) ** gamma`` (detached).
-    Returns a scalar.
+    Returns a float32 scalar: the logits are upcast first (under float16 autocast, ``sigmoid ** gamma``
+    and the BCE would lose precision and underflow for confident queries).
     """
+    logits = logits.float()
     where = (match.batch_idx, match.query_idx, labels)
     positive = torch.zeros_like(logits)
     positive[where] = 1.0

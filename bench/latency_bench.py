@@ -1,0 +1,395 @@
+"""Latency and FLOPs of the plain RT-DETRv2-R18 and DSET variants, end to end and per stage.
+
+    python -m bench.latency_bench                  # full grid -> docs/results/latency.{json,md} (quiet machine!)
+    python -m bench.latency_bench --quick          # 4 variants, 192x320, batch 1, CPU: under a minute
+    python -m bench.latency_bench --devices cpu --inputs 736x1280 --batches 1 --repeats 20
+
+Variants (all from configs/dset4_r18_ratio0.3.yaml, DAIR-V2X head of 8 classes, random weights: latency does
+not depend on the weights except through DSET's data-dependent top-k and MoE routing):
+  plain_p5              the official RT-DETRv2-R18 (AIFI on P5), DSET off
+  plain_p4p5            AIFI on P4 and P5, DSET off
+  dset_k{1.0,0.7,0.5,0.3}_moe    DSET (pruner on P4+P5, MoE in encoder and decoder) at that keep ratio
+  dset_k{...}_dense              the same without MoE (dense FFNs)
+
+Stages (per-stage runs synchronise at every stage boundary; the end-to-end figure is measured in separate
+runs without that): backbone, encoder_proj (input projections), aifi_p4 / aifi_p5 (pruner + attention
+layer + scatter of that level; pruner_p4 / pruner_p5 is the pruner's share of it), ccfm (the FPN/PAN
+fusion), decoder (query selection over all tokens + decoder layers), postprocessor.
+
+Method: every setting (device, dtype, input, batch) builds all variants, warms each up, then times them
+interleaved (A B C A B C ...) so that a shared machine's noise hits every variant alike; reported are the
+median, p25 and p75 of the repeats. FLOPs from torch.utils.flop_counter (multiply-add = 2 FLOPs, the CPU
+flash-attention kernel counted with the sdpa formula), at batch 1 times the batch. CUDA float16 rows run
+under torch.autocast. onnxruntime rows (CPU, --onnx) time the graphs of tools/export_onnx.py, end to end only
+(MoE in dense dispatch there: every expert on every token).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from src.zoo.rtdetr.deploy import DeployModel, load_detector, set_dense_moe_dispatch
+
+BASE_CONFIG = "configs/dset4_r18_ratio0.3.yaml"
+KEEP_RATIOS = (1.0, 0.7, 0.5, 0.3)
+ALL_VARIANTS = ["plain_p5", "plain_p4p5"] + [f"dset_k{r}_{m}" for m in ("moe", "dense") for r in KEEP_RATIOS]
+QUICK_VARIANTS = ["plain_p5", "plain_p4p5", "dset_k1.0_moe", "dset_k0.3_moe"]
+STAGES = ("backbone", "encoder_proj", "aifi_p4", "pruner_p4", "aifi_p5", "pruner_p5", "ccfm", "decoder",
+          "postprocessor")
+ROW_KEYS = ("model", "device", "dtype", "input", "batch", "median_ms", "p25_ms", "p75_ms", "repeats", "stages_ms",
+            "gflops", "stage_gflops", "kept_fraction")
+
+
+# ---------------------------------------------------------------- models
+def variant_overrides(name: str, hw: Sequence[int]) -> List[str]:
+    """-u overrides of BASE_CONFIG for a variant at input (h, w)."""
+    common = [f"eval_spatial_size=[{hw[0]}, {hw[1]}]"]
+    if name == "plain_p5":
+        return common + ["dset.enabled=false", "HybridEncoder.use_encoder_idx=[2]"]
+    if name == "plain_p4p5":
+        return common + ["dset.enabled=false", "HybridEncoder.use_encoder_idx=[1, 2]"]
+    m = re.fullmatch(r"dset_k([0-9.]+)_(moe|dense)", name)
+    if not m:
+        raise ValueError(f"unknown variant {name!r}; known: {', '.join(ALL_VARIANTS)}")
+    out = common + [f"dset.keep_ratio={float(m.group(1))}"]
+    if m.group(2) == "dense":
+        out += ["dset.num_experts=0", "dset.encoder_moe_num_experts=0"]
+    return out
+
+
+def build(name: str, hw, device: str, extra: Sequence[str] = ()) -> DeployModel:
+    torch.manual_seed(0)
+    _, model, post = load_detector(BASE_CONFIG, variant_overrides(name, hw) + list(extra), random_weights=True,
+                                   device=device)
+    return DeployModel(model, post).eval()
+
+
+def level_name(level: int) -> str:
+    return f"p{level + 3}"  # backbone levels 0, 1, 2 are P3, P4, P5 (strides 8, 16, 32)
+
+
+# ---------------------------------------------------------------- FLOPs
+def _cpu_flash_sdpa(q, k, v, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(q, k, v)
+
+
+def flop_counter() -> FlopCounterMode:
+    """FlopCounterMode that also counts the CPU flash-attention kernel (torch leaves it at 0)."""
+    return FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_sdpa})
+
+
+def count_flops(fn: Callable[[], object]) -> tuple:
+    """(total FLOPs, {module name: FLOPs}) of one call of fn, under no_grad."""
+    with torch.no_grad(), flop_counter() as fc:
+        fn()
+    return fc.get_total_flops(), {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
+
+
+def stage_flops(per_module: Dict[str, int], deploy: DeployModel) -> Dict[str, float]:
+    """Per-stage GFLOPs from the counter's module table (names 'DeployModel.model.<...>')."""
+    root = "DeployModel.model"
+
+    def total(pattern: str) -> int:
+        return sum(v for k, v in per_module.items() if re.fullmatch(pattern, k))
+
+    enc = deploy.model.encoder
+    out = {"backbone": total(rf"{root}\.backbone"),
+           "encoder_proj": total(rf"{root}\.encoder\.input_proj\.\d+"),
+           "ccfm": total(rf"{root}\.encoder\.(lateral_convs|fpn_blocks|downsample_convs|pan_blocks)\.\d+"),
+           "decoder": total(rf"{root}\.decoder"),
+           "postprocessor": total(r"DeployModel\.postprocessor")}
+    for i, level in enumerate(enc.use_encoder_idx):
+        pruner = total(rf"{root}\.encoder\.pruners\.{i}")
+        out[f"aifi_{level_name(level)}"] = total(rf"{root}\.encoder\.encoder\.{i}") + pruner
+        if enc.pruners is not None:
+            out[f"pruner_{level_name(level)}"] = pruner
+    return {k: v / 1e9 for k, v in out.items()}
+
+
+# ---------------------------------------------------------------- timing
+def synchronizer(device: str) -> Callable[[], None]:
+    if device.startswith("cuda"):
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+@contextlib.contextmanager
+def stage_timer(deploy: DeployModel, sync: Callable[[], None]):
+    """Time every stage of one forward: yields a dict stage -> seconds (filled after the forward)."""
+    times: Dict[str, float] = {}
+    model, enc = deploy.model, deploy.model.encoder
+    patched = []
+
+    def wrap(obj, attr: str, name_of: Callable):
+        original = getattr(obj, attr)
+
+        def timed(*args, **kwargs):
+            sync()
+            start = time.perf_counter()
+            out = original(*args, **kwargs)
+            sync()
+            name = name_of(*args)
+            times[name] = times.get(name, 0.0) + time.perf_counter() - start
+            return out
+
+        setattr(obj, attr, timed)
+        patched.append((obj, attr))
+
+    wrap(model.backbone, "forward", lambda *a: "backbone")
+    wrap(enc, "forward", lambda *a: "encoder")
+    wrap(enc, "encode_level", lambda enc_i, *a: f"aifi_{level_name(enc.use_encoder_idx[enc_i])}")
+    wrap(enc, "fuse", lambda *a: "ccfm")
+    wrap(model.decoder, "forward", lambda *a: "decoder")
+    wrap(deploy.postprocessor, "forward_batched", lambda *a: "postprocessor")
+    for i, pruner in enumerate(enc.pruners or []):
+        wrap(pruner, "forward", lambda *a, i=i: f"pruner_{level_name(enc.use_encoder_idx[i])}")
+    try:
+        yield times
+    finally:
+        for obj, attr in patched:
+            delattr(obj, attr)  # back to the class attribute
+        if "encoder" in times:
+            aifi = sum(v for k, v in times.items() if k.startswith("aifi_"))
+            times["encoder_proj"] = times.pop("encoder") - aifi - times.get("ccfm", 0.0)
+
+
+def quantiles(values_ms: List[float]) -> Dict[str, float]:
+    q = statistics.quantiles(values_ms, n=4, method="inclusive") if len(values_ms) > 1 else values_ms * 3
+    return {"median_ms": statistics.median(values_ms), "p25_ms": q[0], "p75_ms": q[2]}
+
+
+def time_torch(variants: Dict[str, DeployModel], images, sizes, device: str, dtype: str, repeats: int,
+               warmup: int) -> Dict[str, dict]:
+    """Interleaved end-to-end and per-stage timings of every variant: name -> {e2e: [ms], stages: {s: [ms]}}."""
+    sync = synchronizer(device)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if dtype == "float16" else contextlib.nullcontext
+
+    def run(deploy):
+        with torch.no_grad(), autocast():
+            deploy(images, sizes)
+
+    for deploy in variants.values():
+        for _ in range(warmup):
+            run(deploy)
+    res = {name: {"e2e": [], "stages": {}} for name in variants}
+    for _ in range(repeats):
+        for name, deploy in variants.items():  # interleaved: A B C A B C ...
+            sync()
+            start = time.perf_counter()
+            run(deploy)
+            sync()
+            res[name]["e2e"].append((time.perf_counter() - start) * 1e3)
+    for _ in range(repeats):
+        for name, deploy in variants.items():
+            with stage_timer(deploy, sync) as times:
+                run(deploy)
+            for k, v in times.items():
+                res[name]["stages"].setdefault(k, []).append(v * 1e3)
+    return res
+
+
+def time_onnx(variants: Dict[str, DeployModel], images, sizes, hw, repeats: int, warmup: int,
+              workdir: str) -> Dict[str, dict]:
+    """Export every variant (tools/export_onnx.py) and time onnxruntime CPU sessions interleaved."""
+    import onnxruntime as ort
+
+    from tools.export_onnx import export
+
+    sessions = {}
+    for name, deploy in variants.items():
+        path = os.path.join(workdir, f"{name}_{hw[0]}x{hw[1]}.onnx")
+        set_dense_moe_dispatch(deploy.model, True)
+        try:
+            export(deploy, path, hw)
+        finally:
+            set_dense_moe_dispatch(deploy.model, False)
+        sessions[name] = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    feed = {"images": images.cpu().numpy(), "orig_target_sizes": sizes.cpu().numpy()}
+    for sess in sessions.values():
+        for _ in range(warmup):
+            sess.run(None, feed)
+    res = {name: {"e2e": [], "stages": {}} for name in sessions}
+    for _ in range(repeats):
+        for name, sess in sessions.items():
+            start = time.perf_counter()
+            sess.run(None, feed)
+            res[name]["e2e"].append((time.perf_counter() - start) * 1e3)
+    return res
+
+
+def kept_fraction(deploy: DeployModel) -> Dict[str, float]:
+    """Fraction of patches each pruner kept in the last forward (1.0 when not pruning)."""
+    enc = deploy.model.encoder
+    out = {}
+    for level, info in zip(enc.use_encoder_idx, enc.last_prune_info):
+        total = info["patch_grid"][0] * info["patch_grid"][1]
+        out[level_name(level)] = round(info["num_kept_patches"] / total, 4)
+    return out
+
+
+# ---------------------------------------------------------------- driver
+def settings(args) -> List[tuple]:
+    """(device label, torch device, dtype) rows to run."""
+    rows = []
+    for dev in args.devices:
+        if dev == "cpu":
+            rows.append(("cpu", "cpu", "float32"))
+        elif dev == "cuda":
+            if not torch.cuda.is_available():
+                print("CUDA not available: skipping the cuda rows", file=sys.stderr)
+                continue
+            rows += [("cuda", "cuda", "float32"), ("cuda", "cuda", "float16")]
+        else:
+            raise ValueError(f"--devices: {dev!r} is not cpu or cuda")
+    return rows
+
+
+def parse_hw(text: str) -> tuple:
+    m = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"input size {text!r} must be HxW, e.g. 736x1280")
+    return int(m.group(1)), int(m.group(2))
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import onnxruntime
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def run_bench(args) -> dict:
+    rows = []
+    sizes_list = args.inputs
+    with tempfile.TemporaryDirectory() as workdir:
+        for hw in sizes_list:
+            flops_cache = {}
+            for batch in args.batches:
+                images = torch.rand(batch, 3, *hw, generator=torch.Generator().manual_seed(0))
+                sizes = torch.tensor([[hw[1], hw[0]]] * batch, dtype=torch.int64)
+                plan = [(label, dev, dtype) for label, dev, dtype in settings(args)]
+                if args.onnx:
+                    plan.append(("onnxruntime-cpu", "cpu", "float32"))
+                for label, dev, dtype in plan:
+                    variants = {n: build(n, hw, dev, args.extra) for n in args.variants}
+                    x, s = images.to(dev), sizes.to(dev)
+                    if label == "onnxruntime-cpu":
+                        timed = time_onnx(variants, x, s, hw, args.repeats, args.warmup, workdir)
+                    else:
+                        timed = time_torch(variants, x, s, dev, dtype, args.repeats, args.warmup)
+                    for name, deploy in variants.items():
+                        if name not in flops_cache:  # FLOPs and kept fraction: CPU float32, batch 1
+                            cpu_model = deploy if dev == "cpu" else build(name, hw, "cpu", args.extra)
+                            total, per_module = count_flops(lambda: cpu_model(images[:1], sizes[:1]))
+                            flops_cache[name] = (total / 1e9, stage_flops(per_module, cpu_model),
+                                                 kept_fraction(cpu_model))
+                        gflops, sflops, kept = flops_cache[name]
+                        t = timed[name]
+                        rows.append({"model": name, "device": label, "dtype": dtype, "input": f"{hw[0]}x{hw[1]}",
+                                     "batch": batch, **{k: round(v, 3) for k, v in quantiles(t["e2e"]).items()},
+                                     "repeats": len(t["e2e"]),
+                                     "stages_ms": {k: round(statistics.median(v), 3) for k, v in t["stages"].items()}
+                                     or None,
+                                     "gflops": round(gflops * batch, 3),
+                                     "stage_gflops": {k: round(v * batch, 3) for k, v in sflops.items()},
+                                     "kept_fraction": kept})
+                        print(_row_line(rows[-1]), flush=True)
+                    del variants
+    return {"meta": {"date": datetime.date.today().isoformat(), "command": "python -m bench.latency_bench "
+                     + " ".join(sys.argv[1:]), "quick": args.quick, "machine": machine(),
+                     "note": "random weights; FLOPs at batch 1 x batch; per-stage runs synchronise at stage "
+                             "boundaries; onnxruntime rows: MoE in dense dispatch"},
+            "rows": rows}
+
+
+def _row_line(r: dict) -> str:
+    return (f"{r['model']:>15} {r['device']:>15} {r['dtype']:>7} {r['input']:>9} b{r['batch']}: "
+            f"{r['median_ms']:9.1f} ms (p25 {r['p25_ms']:.1f}, p75 {r['p75_ms']:.1f}), {r['gflops']:.1f} GFLOPs")
+
+
+def markdown_table(result: dict) -> str:
+    """Markdown table of the rows (stage columns: median ms of the per-stage runs)."""
+    cols = ["backbone", "encoder_proj", "aifi_p4", "aifi_p5", "ccfm", "decoder", "postprocessor"]
+    head = ("| model | device | input | batch | median ms (p25-p75) | " + " | ".join(cols)
+            + " | GFLOPs | kept P4/P5 |\n|---|---|---|---:|---:|" + "---:|" * len(cols) + "---:|---|")
+    lines = [head]
+    for r in result["rows"]:
+        st = r["stages_ms"] or {}
+        kept = "/".join(f"{r['kept_fraction'].get(p, '-')}" for p in ("p4", "p5")) if r["kept_fraction"] else "-"
+        dev = r["device"] + ("" if r["dtype"] == "float32" else f" {r['dtype']}")
+        lines.append(f"| {r['model']} | {dev} | {r['input']} | {r['batch']} | {r['median_ms']:.1f} "
+                     f"({r['p25_ms']:.1f}-{r['p75_ms']:.1f}) | "
+                     + " | ".join(f"{st[c]:.1f}" if c in st else "-" for c in cols)
+                     + f" | {r['gflops']:.1f} | {kept} |")
+    m = result["meta"]
+    lines.append(f"\n`{m['command']}`, {m['date']}, {m['machine'].get('processor')} "
+                 f"({m['machine'].get('cpu_count')} CPUs, {m['machine'].get('torch_threads')} torch threads)"
+                 + (f", {m['machine']['gpu']}" if "gpu" in m["machine"] else "") + f", torch {m['machine']['torch']}")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="4 variants, 192x320, batch 1, CPU, 3 repeats")
+    p.add_argument("--variants", nargs="+", default=None, help=f"subset of {' '.join(ALL_VARIANTS)}")
+    p.add_argument("--inputs", nargs="+", type=parse_hw, default=None, help="HxW sizes (default 640x640 736x1280)")
+    p.add_argument("--batches", nargs="+", type=int, default=None, help="default 1 8")
+    p.add_argument("--devices", nargs="+", default=None, help="cpu and/or cuda (cuda: float32 and float16 rows)")
+    p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time onnxruntime CPU on the exported graphs (default: on, off with --quick)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default 10, quick 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs per variant first (default 2, quick 1)")
+    p.add_argument("--out", default=None, help="json path (default docs/results/latency.json; quick: "
+                                                "output/latency_quick.json); the markdown table goes next to it")
+    p.add_argument("-u", "--extra", nargs="+", default=[], help="extra config overrides for every variant")
+    args = p.parse_args(argv)
+    q = args.quick
+    args.variants = args.variants or (QUICK_VARIANTS if q else ALL_VARIANTS)
+    args.inputs = args.inputs or ([(192, 320)] if q else [(640, 640), (736, 1280)])
+    args.batches = args.batches or ([1] if q else [1, 8])
+    args.devices = args.devices or (["cpu"] if q else ["cpu", "cuda"])
+    args.onnx = (not q) if args.onnx is None else args.onnx
+    args.repeats = args.repeats or (3 if q else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if q else 2)
+    args.out = args.out or ("output/latency_quick.json" if q else "docs/results/latency.json")
+    if q and not args.extra:
+        args.extra = ["dset.min_patches=1"]  # at 192x320 the config's min_patches=10 would keep all of P5
+    for v in args.variants:
+        variant_overrides(v, (32, 32))  # unknown names fail before any work
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    result = run_bench(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(markdown_table(result))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""A trained detector ready to run outside the trainer: load config + weights, the RT-DETR deployment
+interface, and DSET's state at deployment (pruning at the config's keep ratio, as after warmup).
+
+Used by tools/export_onnx.py, tools/infer.py and bench/latency_bench.py.
+
+    cfg, model, post = load_detector("configs/dset4_r18_ratio0.3.yaml", checkpoint="output/run/best.pth")
+    labels, boxes, scores = DeployModel(model, post)(images, orig_target_sizes)
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from src.core.config import YAMLConfig
+from src.misc.checkpoint import extract_state_dict, load_checkpoint, load_matching_weights
+from src.zoo.rtdetr.moe import MoEFFN
+from src.zoo.rtdetr.patch_level_pruning import PatchLevelPruner
+
+__all__ = ["load_detector", "DeployModel", "set_dense_moe_dispatch", "pruning_summary"]
+
+
+def load_detector(config: str, overrides: Sequence[str] = (), checkpoint: Optional[str] = None,
+                  random_weights: bool = False, trusted: bool = False,
+                  device: str = "cpu") -> Tuple[YAMLConfig, nn.Module, nn.Module]:
+    """Build the config's model and postprocessor in eval mode with the checkpoint's weights.
+
+    The weights are the checkpoint's EMA when it has one (as the trainer evaluates), loaded strictly: any
+    missing, unexpected or shape-mismatched key is an error. Without a checkpoint ``random_weights=True``
+    is required (tests, benchmarks), so random weights are never used by accident.
+    Pruners are left without an epoch, i.e. at the end of their warmup schedule (``keep_ratio``).
+
+    Returns (cfg, model, postprocessor), both modules on ``device`` in eval mode.
+    """
+    if (checkpoint is None) == (not random_weights):
+        raise ValueError("load_detector: give a checkpoint (-r CKPT) or, for tests and benchmarks only, "
+                         "random_weights=True (--random-weights); not both, not neither")
+    cfg = YAMLConfig(config, overrides=list(overrides))
+    model, post = cfg.model, cfg.postprocessor
+    if checkpoint is not None:
+        state = extract_state_dict(load_checkpoint(checkpoint, trusted=trusted))
+        try:
+            load_matching_weights(model, state, strict=True)
+        except RuntimeError as e:
+            raise RuntimeError(f"{checkpoint}: weights do not fit the model of {config} (same config and -u "
+                               f"overrides as in training?)\n{e}") from None
+    for m in model.modules():
+        if isinstance(m, PatchLevelPruner):
+            m.epoch = None  # schedule finished: keep_ratio
+    return cfg, model.to(device).eval(), post.to(device).eval()
+
+
+def set_dense_moe_dispatch(model: nn.Module, on: bool = True) -> int:
+    """Switch every MoEFFN of ``model`` to (or back from) dense dispatch, the traceable form that graph
+    export needs (see MoEFFN.forward_dense_dispatch). Returns the number of MoE layers switched."""
+    layers = [m for m in model.modules() if isinstance(m, MoEFFN)]
+    for m in layers:
+        m.dense_dispatch = on
+    return len(layers)
+
+
+def pruning_summary(model: nn.Module) -> List[str]:
+    """One line per pruner: what the deployed graph does at that level."""
+    lines = []
+    for i, m in enumerate(m for m in model.modules() if isinstance(m, PatchLevelPruner)):
+        if m.prune_in_eval:
+            lines.append(f"pruner {i}: top-k of {m.patch_size}x{m.patch_size} patches at keep_ratio "
+                         f"{m.current_keep_ratio} (min_patches {m.min_patches}), gather, attention, scatter")
+        else:
+            lines.append(f"pruner {i}: prune_in_eval is false, every token is kept (as in evaluation)")
+    return lines
+
+
+class DeployModel(nn.Module):
+    """The official RT-DETR deployment interface around a detector and its postprocessor.
+
+    forward(images [N, 3, H, W] float32 in [0, 1], orig_target_sizes [N, 2] int64 as (w, h), the size
+    the normalised boxes are scaled to) -> (labels int64 [N, K], boxes [N, K, 4] xyxy pixels,
+    scores [N, K]), K the postprocessor's num_top_queries.
+    """
+
+    def __init__(self, model: nn.Module, postprocessor: nn.Module):
+        super().__init__()
+        self.model = model
+        self.postprocessor = postprocessor
+
+    def forward(self, images: Tensor, orig_target_sizes: Tensor):
+        outputs = self.model(images)
+        return self.postprocessor.forward_batched(outputs, orig_target_sizes)

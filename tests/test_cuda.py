@@ -1,0 +1,91 @@
+"""CUDA checks (skipped without a GPU; `bench/gpu_check.py` runs them): AMP steps in float16 and bfloat16 with a
+forced overflow, the CASS loss and deformable attention under autocast against float32, resume CUDA -> CPU ->
+CUDA, and the postprocessor on CUDA against CPU. NOT run yet: this repository has not had a GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from src.core import YAMLConfig
+from src.solver.trainer import Trainer
+from tests.helpers_tiny_run import one_thread_restored_torch_flags  # noqa: F401 (autouse fixture)
+from tests.helpers_tiny_run import final_tensors, make_tiny_dataset, write_tiny_config
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_tiny_dataset(tmp_path_factory.mktemp("cuda_data"), num_train=4, num_val=2)
+
+
+def trainer_on(device, tmp_path, data_root, overrides=None, **kwargs) -> Trainer:
+    cfg_path = write_tiny_config(tmp_path / "tiny.yaml", data_root, tmp_path / "out", dset=True)
+    return Trainer(YAMLConfig(str(cfg_path), overrides=overrides or {}), device=device, **kwargs)
+
+
+@pytest.mark.parametrize("dtype, init_scale, overflows", [("float16", 1e30, 2), ("float16", 1.0, 0),
+                                                          ("bfloat16", 65536.0, 0)])
+def test_amp_steps_on_cuda(tmp_path, data_root, dtype, init_scale, overflows):
+    trainer = trainer_on("cuda", tmp_path, data_root, {"use_amp": True, "amp_dtype": dtype,
+                                                        "amp_init_scale": init_scale, "max_iters_per_epoch": 2})
+    trainer.fit()
+    assert trainer.amp_overflow_steps == overflows and trainer.nonfinite_skipped == 0
+    assert trainer.ema.updates == 2 - overflows
+    assert all(torch.isfinite(v).all() for v in final_tensors(tmp_path / "out" / "last.pth").values()
+               if v.is_floating_point())
+
+
+def test_cass_loss_under_autocast_matches_float32():
+    from src.zoo.rtdetr import cass
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 60, generator=g).cuda()
+    boxes = [torch.tensor([[10.0, 20.0, 60.0, 70.0], [100.0, 5.0, 140.0, 40.0]]).cuda(), torch.zeros(0, 4).cuda()]
+    cfg = cass.CASSConfig()
+    ref = cass.cass_loss_levels([logits], boxes, [(12, 20)], (96, 160), 2, cfg)
+    with torch.autocast("cuda", dtype=torch.float16):
+        half = cass.cass_loss_levels([logits.half()], boxes, [(12, 20)], (96, 160), 2, cfg)
+    assert half.dtype == torch.float32
+    assert half.item() == pytest.approx(ref.item(), rel=2e-3)
+
+
+def test_deformable_attention_under_autocast_matches_float32():
+    from src.zoo.rtdetr.deformable_attention import multi_scale_deformable_attention_core
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(12, 20), (6, 10)]
+    value = torch.randn(2, 12 * 20 + 6 * 10, 4, 16, generator=g).cuda()
+    loc = torch.rand(2, 30, 4, 8, 2, generator=g).cuda()
+    weights = torch.rand(2, 30, 4, 8, generator=g).softmax(-1).cuda()
+    ref = multi_scale_deformable_attention_core(value, shapes, loc, weights, [4, 4])
+    with torch.autocast("cuda", dtype=torch.float16):
+        half = multi_scale_deformable_attention_core(value, shapes, loc, weights, [4, 4])
+    torch.testing.assert_close(half.float(), ref, atol=5e-3, rtol=5e-3)
+
+
+def test_resume_cuda_to_cpu_to_cuda(tmp_path, data_root):
+    last = str(tmp_path / "out" / "last.pth")
+    trainer_on("cuda", tmp_path, data_root, {"epochs": 1, "max_iters_per_epoch": 1, "use_amp": True}).fit()
+    cpu = trainer_on("cpu", tmp_path, data_root, {"epochs": 2, "max_iters_per_epoch": 1}, resume=last)
+    assert cpu.start_epoch == 1 and not cpu.scaler.is_enabled()
+    cpu.fit()
+    back = trainer_on("cuda", tmp_path, data_root, {"epochs": 3, "max_iters_per_epoch": 1, "use_amp": True},
+                      resume=last)
+    assert back.start_epoch == 2 and next(back.model.parameters()).is_cuda
+    back.fit()
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 2
+
+
+def test_postprocessor_on_cuda_matches_cpu():
+    from src.zoo.rtdetr.rtdetr_postprocessor import RTDETRPostProcessor
+
+    g = torch.Generator().manual_seed(0)
+    outputs = {"pred_logits": torch.randn(2, 20, 5, generator=g), "pred_boxes": torch.rand(2, 20, 4, generator=g)}
+    sizes = torch.tensor([[160.0, 96.0], [640.0, 360.0]])
+    post = RTDETRPostProcessor(num_classes=5, num_top_queries=10)
+    ref = post(outputs, sizes)
+    got = post.cuda()({k: v.cuda() for k, v in outputs.items()}, sizes.cuda())
+    for r, c in zip(ref, got):
+        for k in r:
+            torch.testing.assert_close(c[k].cpu(), r[k])

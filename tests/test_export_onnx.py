@@ -1,0 +1,101 @@
+"""ONNX export (tools/export_onnx.py): the official RT-DETR deployment interface, DSET's pruner in the graph,
+onnxruntime agrees with PyTorch; MoE dense dispatch equals the routed MoE."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from helpers_tiny_run import tiny_config_dict
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from src.zoo.rtdetr.deploy import DeployModel, load_detector, set_dense_moe_dispatch  # noqa: E402
+from src.zoo.rtdetr.moe import MoEFFN  # noqa: E402
+from tools import export_onnx  # noqa: E402
+
+
+def _tiny_config(tmp_path: Path, dset: bool) -> str:
+    cfg = tiny_config_dict(tmp_path / "data", tmp_path / "out", dset=dset)
+    path = tmp_path / ("dset.yaml" if dset else "plain.yaml")
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return str(path)
+
+
+def _kept_sets(model, images):
+    with torch.no_grad():
+        model(images)
+    return [info["kept_patch_idx"] for info in model.encoder.last_prune_info if info["pruned"]]
+
+
+@pytest.mark.parametrize("dset", [True, False], ids=["dset_pruning", "plain"])
+def test_onnxruntime_matches_pytorch_with_the_deployment_interface(tmp_path, dset):
+    torch.manual_seed(0)
+    cfg, model, post = load_detector(_tiny_config(tmp_path, dset), random_weights=True)
+    set_dense_moe_dispatch(model)
+    deploy = DeployModel(model, post).eval()
+    out = str(tmp_path / "model.onnx")
+    hw = export_onnx.input_hw(cfg)
+    export_onnx.export(deploy, out, hw)
+
+    graph = onnx.load(out).graph
+    assert [i.name for i in graph.input] == ["images", "orig_target_sizes"]
+    assert [o.name for o in graph.output] == ["labels", "boxes", "scores"]
+    assert graph.input[1].type.tensor_type.elem_type == onnx.TensorProto.INT64
+
+    # batch 3 (exported at batch 1: the batch axis is dynamic), images with different content
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(3, 3, *hw, generator=g)
+    images[1] = images[1].flip(-1)
+    images[2] *= 0.3
+    sizes = torch.tensor([[320, 192], [1000, 600], [160, 96]], dtype=torch.int64)
+    if dset:
+        kept = _kept_sets(model, images)
+        assert len(kept) == 2, "both pruned levels must prune (keep_ratio 0.5, past warmup)"
+        assert any(not torch.equal(k[0], k[1]) for k in kept), "test images should keep different patches"
+    with torch.no_grad():
+        ref_labels, ref_boxes, ref_scores = deploy(images, sizes)
+    sess = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
+    labels, boxes, scores = sess.run(None, {"images": images.numpy(), "orig_target_sizes": sizes.numpy()})
+    assert scores.shape == (3, post.num_top_queries) and boxes.shape == (3, post.num_top_queries, 4)
+    assert abs(scores - ref_scores.numpy()).max() < 1e-3
+    # random weights give near-tied scores whose order may differ: every onnxruntime detection must have a
+    # PyTorch detection with the same label, score within 1e-3 and box within 0.5 px
+    same = ((labels[:, :, None] == ref_labels.numpy()[:, None, :])
+            & (abs(scores[:, :, None] - ref_scores.numpy()[:, None, :]) < 1e-3)
+            & (abs(boxes[:, :, None, :] - ref_boxes.numpy()[:, None, :, :]).max(-1) < 0.5))
+    assert same.any(-1).all()
+    # boxes follow orig_target_sizes (w, h) per image
+    assert boxes[1, :, [0, 2]].max() <= 1000 + 1e-3 and boxes[2, :, [0, 2]].max() <= 160 + 1e-3
+
+
+def test_dense_moe_dispatch_equals_routed_moe():
+    torch.manual_seed(0)
+    moe = MoEFFN(16, 32, num_experts=4, top_k=2, noise_std=0.1).eval()
+    x = torch.randn(2, 7, 16)
+    routed = moe(x)
+    moe.dense_dispatch = True
+    dense = moe(x)
+    # independent reference: per token, the two chosen experts' FFNs mixed by the softmax of their logits
+    logits = moe.gate(x.reshape(-1, 16))
+    top, idx = logits.topk(2, -1)
+    w = top.softmax(-1)
+    ref = torch.zeros(14, 16)
+    for t in range(14):
+        for j in range(2):
+            e = idx[t, j]
+            h = torch.relu(x.reshape(-1, 16)[t] @ moe.w1[e].T + moe.b1[e])
+            ref[t] += w[t, j] * (h @ moe.w2[e].T + moe.b2[e])
+    torch.testing.assert_close(dense.reshape(-1, 16), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense, routed, atol=1e-5, rtol=1e-5)
+
+
+def test_export_refuses_to_run_without_weights_or_random_weights_flag(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        export_onnx.parse_args(["-c", "x.yaml", "--out", str(tmp_path / "m.onnx")])
+    assert "--random-weights" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="random_weights"):
+        load_detector(_tiny_config(tmp_path, False))

@@ -1,0 +1,115 @@
+"""tools/infer.py: PNG + COCO-results json per folder, boxes in original-image pixels exactly as the evaluation
+path (val dataset + collate + eval_scale_sizes + postprocessor) computes them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from helpers_tiny_run import make_tiny_dataset, tiny_config_dict
+from src.misc.visualize import patch_rects, rects_mask
+from src.solver.trainer import eval_scale_sizes
+from tools import infer
+
+
+def test_to_original_maps_padded_normalised_boxes_to_file_pixels():
+    # content resized 300x200 -> 150x100, padded to 160x128: x_norm * 160 is an input pixel, * 300/150 original
+    scale = infer.to_original((128, 160), (150, 100), (300, 200))
+    assert scale.tolist() == [320.0, 256.0]
+    # and the trainer's evaluation formula agrees
+    t = [{"orig_size": torch.tensor([300, 200]), "size": torch.tensor([150, 100])}]
+    assert eval_scale_sizes(t, (128, 160))[0].tolist() == [320.0, 256.0]
+
+
+def test_patch_rects_and_mask_of_a_partial_last_column():
+    # grid 2 x 3 of 8 px patches, image 16 x 20: the last column is 4 px wide
+    rects = patch_rects(torch.tensor([2, 3]), (2, 3), (8, 8), (16, 20))
+    assert rects.tolist() == [[16.0, 0.0, 20.0, 8.0], [0.0, 8.0, 8.0, 16.0]]
+    mask = rects_mask(rects, (16, 20))
+    assert mask.sum() == 4 * 8 + 8 * 8 and mask[0, 19] and mask[15, 0] and not mask[0, 0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("infer")
+    data = make_tiny_dataset(tmp / "data", width=200, height=150)  # val Resize to 160x96 really rescales
+    cfg = tiny_config_dict(data, tmp / "out", dset=True)
+    path = tmp / "dset.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    torch.manual_seed(0)
+    from src.zoo.rtdetr.deploy import load_detector
+
+    model = load_detector(str(path), random_weights=True)[1]
+    ckpt = tmp / "weights.pth"
+    torch.save({"model": model.state_dict()}, ckpt)
+    return tmp, data, path, ckpt
+
+
+def test_infer_writes_png_and_coco_json_with_boxes_as_the_evaluation_path(tiny):
+    tmp, data, cfg_path, ckpt = tiny
+    src = tmp / "images"
+    src.mkdir()
+    # two synthetic val images, one of them resized to an odd size (the mapping must undo any input size)
+    val = sorted((data / "images" / "val").iterdir())
+    Image.open(val[0]).save(src / val[0].name)
+    Image.open(val[1]).resize((131, 97)).save(src / "odd.png")
+    args = SimpleNamespace(config=str(cfg_path), resume=str(ckpt), random_weights=False, input=str(src),
+                           out=str(tmp / "pred"), score=0.0, update=[], device="cpu", trust_checkpoint=False)
+    res = infer.run(args)
+    out = tmp / "pred"
+    for name in (val[0].stem, "odd"):
+        png = np.asarray(Image.open(out / f"{name}.png"))
+        assert png.ndim == 3 and png.shape[0] > 100 and png.std() > 0
+    images = json.loads((out / "images.json").read_text())
+    dets = json.loads((out / "detections.json").read_text())
+    coco = json.loads((data / "annotations" / "instances_val.json").read_text())
+    known = {im["file_name"]: im["id"] for im in coco["images"]}
+    by_name = {im["file_name"]: im for im in images}
+    assert by_name[val[0].name]["id"] == known[val[0].name]               # id from the val annotation file
+    assert by_name["odd.png"]["id"] not in known.values()                  # a new id for an unknown file
+    assert (by_name["odd.png"]["width"], by_name["odd.png"]["height"]) == (131, 97)
+    assert dets == res["detections"] and len(dets) == 2 * 20                # num_top_queries 20, score 0
+    cat_ids = {c["id"] for c in coco["categories"]}
+    for d in dets:
+        assert set(d) == {"image_id", "file_name", "category_id", "bbox", "score"}
+        assert d["category_id"] in cat_ids and len(d["bbox"]) == 4
+        im = by_name[d["file_name"]]
+        x, y, w, h = d["bbox"]
+        assert -0.5 <= x and x + w <= im["width"] * 1.5 and w >= 0 and h >= 0
+
+    # independent reference: the evaluation path (val dataset, collate, eval_scale_sizes, postprocessor)
+    from src.zoo.rtdetr.deploy import load_detector
+
+    cfg, model, post = load_detector(str(cfg_path), checkpoint=str(ckpt))
+    dataset = cfg.build_spec(cfg["val_dataloader"]["dataset"], ("val",))
+    collate = cfg.build_spec(cfg["val_dataloader"]["collate_fn"], ("val",))
+    index = dataset.image_ids.index(known[val[0].name])
+    images_t, targets = collate([dataset[index]])
+    with torch.no_grad():
+        ref = post(model(images_t), eval_scale_sizes(targets, images_t.shape[-2:]))[0]
+    mine = [d for d in dets if d["file_name"] == val[0].name]
+    got = torch.tensor([d["bbox"] for d in mine])
+    ref_xywh = torch.cat([ref["boxes"][:, :2], ref["boxes"][:, 2:] - ref["boxes"][:, :2]], 1)
+    torch.testing.assert_close(got, ref_xywh, atol=0.02, rtol=0)
+    torch.testing.assert_close(torch.tensor([d["score"] for d in mine]), ref["scores"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_infer_on_cuda_matches_cpu(tiny):
+    tmp, data, cfg_path, ckpt = tiny
+    val = sorted((data / "images" / "val").iterdir())[0]
+    runs = {}
+    for device in ("cpu", "cuda"):
+        args = SimpleNamespace(config=str(cfg_path), resume=str(ckpt), random_weights=False, input=str(val),
+                               out=str(tmp / f"pred_{device}"), score=0.0, update=[], device=device,
+                               trust_checkpoint=False)
+        runs[device] = infer.run(args)["detections"]
+    cpu = torch.tensor([d["bbox"] + [d["score"]] for d in runs["cpu"]])
+    gpu = torch.tensor([d["bbox"] + [d["score"]] for d in runs["cuda"]])
+    torch.testing.assert_close(gpu, cpu, atol=0.05, rtol=0)

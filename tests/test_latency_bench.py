@@ -1,0 +1,58 @@
+"""bench/latency_bench.py: the json schema of its rows, and FLOPs that agree with hand counts."""
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from bench import latency_bench as lb
+from src.zoo.rtdetr.hybrid_encoder import TransformerEncoderLayer
+
+
+def test_flops_of_a_linear_layer_are_2_m_k_n():
+    lin = nn.Linear(64, 48)
+    total, per_module = lb.count_flops(lambda: lin(torch.randn(5, 7, 64)))
+    assert total == 2 * (5 * 7) * 64 * 48
+
+
+def test_flops_of_an_attention_layer_match_the_formula_with_and_without_padding_mask():
+    n, d, f, b = 50, 64, 128, 2
+    layer = TransformerEncoderLayer(d, 4, f, 0.0, "gelu").eval()
+    x, pos = torch.randn(b, n, d), torch.randn(1, n, d)
+    # q/k/v projections 3 d^2, scores n d, weighted sum n d, output projection d^2, FFN 2 d f; per token, x 2 FLOPs
+    hand = b * 2 * (n * 3 * d * d + n * n * d + n * n * d + n * d * d + 2 * n * d * f)
+    for mask in (None, torch.zeros(b, n, dtype=torch.bool).index_fill_(1, torch.tensor([47, 48, 49]), True)):
+        total, _ = lb.count_flops(lambda: layer(x, pos_embed=pos, src_key_padding_mask=mask))
+        assert total == hand
+
+
+def test_variant_overrides_name_the_model_changes():
+    assert "HybridEncoder.use_encoder_idx=[2]" in lb.variant_overrides("plain_p5", (640, 640))
+    dense = lb.variant_overrides("dset_k0.3_dense", (736, 1280))
+    assert "dset.keep_ratio=0.3" in dense and "dset.num_experts=0" in dense and "eval_spatial_size=[736, 1280]" in dense
+
+
+def test_quick_bench_writes_rows_with_the_documented_schema(tmp_path):
+    out = tmp_path / "latency.json"
+    assert lb.main(["--quick", "--inputs", "96x160", "--repeats", "1", "--warmup", "0", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {"date", "command", "machine", "quick"} <= set(result["meta"])
+    rows = {r["model"]: r for r in result["rows"]}
+    assert sorted(rows) == sorted(lb.QUICK_VARIANTS)
+    for r in rows.values():
+        assert set(r) == set(lb.ROW_KEYS)
+        assert r["device"] == "cpu" and r["input"] == "96x160" and r["batch"] == 1 and r["median_ms"] > 0
+        stages = r["stages_ms"]
+        assert {"backbone", "encoder_proj", "aifi_p5", "ccfm", "decoder", "postprocessor"} <= set(stages)
+        # the stages add up to (about) one forward; both measured, so only a loose sanity bound
+        assert 0.3 * r["median_ms"] < sum(v for k, v in stages.items() if not k.startswith("pruner")) < 3 * r["median_ms"]
+        # per-stage FLOPs add up to the total (nothing counted twice, nothing lost)
+        sf = r["stage_gflops"]
+        assert abs(sum(v for k, v in sf.items() if not k.startswith("pruner")) - r["gflops"]) < 1e-2
+    assert "aifi_p4" not in rows["plain_p5"]["stages_ms"] and "aifi_p4" in rows["plain_p4p5"]["stages_ms"]
+    # keep 0.3 (min_patches=1 in quick mode): 2 of the 2 x 3 patches of P4, 1 of the 1 x 2 of P5; all at 1.0
+    assert rows["dset_k0.3_moe"]["kept_fraction"] == {"p4": round(2 / 6, 4), "p5": 0.5}
+    assert rows["dset_k1.0_moe"]["kept_fraction"] == {"p4": 1.0, "p5": 1.0}
+    assert rows["dset_k0.3_moe"]["stage_gflops"]["aifi_p4"] < rows["dset_k1.0_moe"]["stage_gflops"]["aifi_p4"]
+    assert "| plain_p5 | cpu | 96x160 | 1 |" in out.with_suffix(".md").read_text()

@@ -1,0 +1,113 @@
+"""Export a detector + postprocessor to ONNX with the official RT-DETR deployment interface.
+
+    python tools/export_onnx.py -c configs/dset4_r18_ratio0.3.yaml -r output/run/best.pth --out model.onnx --check
+
+Graph inputs ``images`` [N, 3, H, W] float32 (RGB in [0, 1], resized to the config's eval_spatial_size as
+the val transforms do) and ``orig_target_sizes`` [N, 2] int64 as (w, h); outputs ``labels`` [N, K] int64,
+``boxes`` [N, K, 4] float32 xyxy in orig_target_sizes pixels, ``scores`` [N, K] float32. N is dynamic;
+H, W are fixed to the config's eval_spatial_size (anchors, position embeddings and DSET's patch grid and
+top-k count are constants of the graph). DSET's pruner is in the graph: top-k patches at the config's
+keep_ratio (as after warmup), gather, attention over the kept tokens, scatter back. MoE layers are exported
+in dense dispatch (every expert on every token, weighted by the top-k routing; same outputs).
+
+Exporter: the TorchScript-based ``torch.onnx.export(..., dynamo=False)``, opset 17; it needs only the
+``onnx`` package (no onnxscript), works offline. ``--check`` runs onnxruntime (CPU) on a random input of
+batch 2 and prints the largest difference from PyTorch. Details: docs/performance.md#onnx-export.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+import torch
+
+from src.zoo.rtdetr.deploy import DeployModel, load_detector, pruning_summary, set_dense_moe_dispatch
+
+OPSET = 17
+INPUT_NAMES = ["images", "orig_target_sizes"]
+OUTPUT_NAMES = ["labels", "boxes", "scores"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("-r", "--resume", help="checkpoint whose weights are exported (EMA when present)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="export the randomly initialised model (tests only); required when -r is not given")
+    p.add_argument("-u", "--update", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--out", required=True, help="output .onnx file")
+    p.add_argument("--check", action="store_true", help="compare onnxruntime with PyTorch on a random input")
+    p.add_argument("--trust-checkpoint", action="store_true", help="load legacy pickled checkpoints (runs code)")
+    args = p.parse_args(argv)
+    if bool(args.resume) == bool(args.random_weights):
+        p.error("give -r CKPT (the weights to export) or --random-weights (tests), exactly one of them")
+    return args
+
+
+def input_hw(cfg) -> tuple:
+    size = cfg.get("eval_spatial_size")
+    if not size:
+        raise ValueError(f"{cfg.path}: eval_spatial_size [h, w] is needed to export (the graph's input size)")
+    return int(size[0]), int(size[1])
+
+
+def export(deploy: DeployModel, out: str, hw: tuple) -> None:
+    """Trace ``deploy`` at batch 1 and write the ONNX file (dynamic batch axis)."""
+    images = torch.rand(1, 3, *hw)
+    sizes = torch.tensor([[hw[1], hw[0]]], dtype=torch.int64)
+    dynamic = {name: {0: "N"} for name in INPUT_NAMES + OUTPUT_NAMES}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="Constant folding")  # strided Slice: left to the runtime
+        torch.onnx.export(deploy, (images, sizes), out, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+                          dynamic_axes=dynamic, opset_version=OPSET, do_constant_folding=True, dynamo=False)
+
+
+def check(deploy: DeployModel, path: str, hw: tuple, batch: int = 2, seed: int = 0) -> dict:
+    """Run the ONNX file in onnxruntime (CPU) and PyTorch on the same random input.
+
+    Returns {'labels_equal': fraction of equal labels, 'max_abs_diff_boxes', 'max_abs_diff_scores'}.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    onnx.checker.check_model(onnx.load(path))
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, 3, *hw, generator=g)
+    sizes = torch.tensor([[hw[1] * 2, hw[0] * 2]] * batch, dtype=torch.int64)
+    with torch.no_grad():
+        ref = [t.numpy() for t in deploy(images, sizes)]
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = sess.run(OUTPUT_NAMES, {"images": images.numpy(), "orig_target_sizes": sizes.numpy()})
+    return {"labels_equal": float((ref[0] == got[0]).mean()),
+            "max_abs_diff_boxes": float(abs(ref[1] - got[1]).max()),
+            "max_abs_diff_scores": float(abs(ref[2] - got[2]).max())}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg, model, post = load_detector(args.config, args.update, checkpoint=args.resume,
+                                     random_weights=args.random_weights, trusted=args.trust_checkpoint)
+    if args.random_weights:
+        print("WARNING: exporting RANDOM weights (--random-weights): for tests only", file=sys.stderr)
+    hw = input_hw(cfg)
+    n_moe = set_dense_moe_dispatch(model)
+    deploy = DeployModel(model, post).eval()
+    export(deploy, args.out, hw)
+    print(f"wrote {args.out}: opset {OPSET}, images [N, 3, {hw[0]}, {hw[1]}] (N dynamic), orig_target_sizes "
+          f"[N, 2] (w, h) -> labels, boxes, scores [N, {post.num_top_queries}]")
+    for line in pruning_summary(model):
+        print("  " + line)
+    if n_moe:
+        print(f"  {n_moe} MoE layers in dense dispatch")
+    if args.check:
+        diff = check(deploy, args.out, hw)
+        print(f"onnxruntime vs PyTorch (random input, batch 2): max |d scores| {diff['max_abs_diff_scores']:.2e}, "
+              f"max |d boxes| {diff['max_abs_diff_boxes']:.2e} px, equal labels {diff['labels_equal']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
