@@ -53,7 +53,7 @@ def run_config(base: str, data: Path, out_dir: Path, hw, steps: int, batch: int 
     train_ops = [{"type": "RandomPhotometricDistort", "p": 0.5}, {"type": "RandomHorizontalFlip"},
                  {"type": "Resize", "size": list(hw)}, {"type": "ConvertPILImage"}]
     cfg = {"__include__": [str(REPO / "configs" / base)], "num_classes": 5, "epochs": 1, "print_freq": 1,
-           "max_iters_per_epoch": steps, "eval_spatial_size": list(hw), "output_dir": str(out_dir),
+           "max_iters_per_epoch": steps, "input_size": list(hw), "output_dir": str(out_dir),
            "train_dataloader": loader("train", train_ops),
            "val_dataloader": loader("val", [{"type": "Resize", "size": list(hw)}, {"type": "ConvertPILImage"}])}
     path = out_dir.parent / f"{out_dir.name}.yaml"

@@ -57,7 +57,7 @@ ROW_KEYS = ("model", "device", "dtype", "input", "batch", "median_ms", "p25_ms",
 # ---------------------------------------------------------------- models
 def variant_overrides(name: str, hw: Sequence[int]) -> List[str]:
     """-u overrides of BASE_CONFIG for a variant at input (h, w)."""
-    common = [f"eval_spatial_size=[{hw[0]}, {hw[1]}]"]
+    common = [f"input_size=[{hw[0]}, {hw[1]}]"]
     if name == "plain_p5":
         return common + ["dset.enabled=false", "HybridEncoder.use_encoder_idx=[2]"]
     if name == "plain_p4p5":

@@ -30,7 +30,7 @@ def test_flops_of_an_attention_layer_match_the_formula_with_and_without_padding_
 def test_variant_overrides_name_the_model_changes():
     assert "HybridEncoder.use_encoder_idx=[2]" in lb.variant_overrides("plain_p5", (640, 640))
     dense = lb.variant_overrides("dset_k0.3_dense", (736, 1280))
-    assert "dset.keep_ratio=0.3" in dense and "dset.num_experts=0" in dense and "eval_spatial_size=[736, 1280]" in dense
+    assert "dset.keep_ratio=0.3" in dense and "dset.num_experts=0" in dense and "input_size=[736, 1280]" in dense
 
 
 def test_quick_bench_writes_rows_with_the_documented_schema(tmp_path):

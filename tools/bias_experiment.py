@@ -150,7 +150,7 @@ def run_config(profile: Profile, data_dir: Path, out_dir: Path, cell: Optional[C
         'epochs': profile.stage2_epochs if stage2 else profile.stage1_epochs,
         'max_iters_per_epoch': profile.stage2_iters if stage2 else profile.stage1_iters,
         'print_freq': 20,
-        'eval_spatial_size': hw,
+        'input_size': list(hw),
         'HybridEncoder': {'use_encoder_idx': [1, 2]},
         'lr_warmup_scheduler': {'type': 'LinearWarmup', 'warmup_duration': 20},
         'lr_scheduler': {'type': 'MultiStepLR', 'milestones': [100000], 'gamma': 0.1},
