@@ -128,8 +128,8 @@ def ensure_data(profile: Profile, data_dir: Path, log=print) -> Path:
     return data_dir
 
 
-def _loader(data_dir: Path, split: str, batch: int, hw: Sequence[int], workers: int) -> dict:
-    ops = [{'type': 'Resize', 'size': list(hw)}, {'type': 'ConvertPILImage'}]
+def _loader(data_dir: Path, split: str, batch: int, workers: int) -> dict:
+    ops = [{'type': 'Resize'}, {'type': 'ConvertPILImage'}]  # size: the config's input_size
     if split == 'train':
         ops = [{'type': 'RandomPhotometricDistort', 'p': 0.5}, {'type': 'RandomHorizontalFlip'}] + ops
     return {'total_batch_size': batch, 'num_workers': workers,
@@ -150,7 +150,8 @@ def run_config(profile: Profile, data_dir: Path, out_dir: Path, cell: Optional[C
         'epochs': profile.stage2_epochs if stage2 else profile.stage1_epochs,
         'max_iters_per_epoch': profile.stage2_iters if stage2 else profile.stage1_iters,
         'print_freq': 20,
-        'input_size': list(hw),
+        'input_size': list(hw),  # both Resize ops and eval_spatial_size
+        'use_amp': False,  # the included COCO recipe turns AMP on; --amp (train.py --use-amp) decides here
         'HybridEncoder': {'use_encoder_idx': [1, 2]},
         'lr_warmup_scheduler': {'type': 'LinearWarmup', 'warmup_duration': 20},
         'lr_scheduler': {'type': 'MultiStepLR', 'milestones': [100000], 'gamma': 0.1},
@@ -161,8 +162,8 @@ def run_config(profile: Profile, data_dir: Path, out_dir: Path, cell: Optional[C
              'lr': profile.lr, 'weight_decay': 0.0},
             {'name': 'norm_bias', 'params': '^(?!.*backbone)(?=.*(?:norm|bn|bias|moe\\.b[12]$)).*$',
              'weight_decay': 0.0}]},
-        'train_dataloader': _loader(data_dir, 'train', profile.batch, hw, profile.loader_workers),
-        'val_dataloader': _loader(data_dir, 'val', max(profile.batch, 8), hw, profile.loader_workers),
+        'train_dataloader': _loader(data_dir, 'train', profile.batch, profile.loader_workers),
+        'val_dataloader': _loader(data_dir, 'val', max(profile.batch, 8), profile.loader_workers),
     }
     for key, value in profile.model_overrides.items():
         cfg[key] = {**cfg.get(key, {}), **value}
@@ -174,11 +175,6 @@ def run_config(profile: Profile, data_dir: Path, out_dir: Path, cell: Optional[C
 
 
 # ------------------------------------------------------------------------------------------------ runs
-def _train_py_has(flag: str) -> bool:
-    text = (REPO / 'train.py').read_text()
-    return flag in text
-
-
 def train_once(cfg: dict, run_dir: Path, seed: int, device: str, amp: bool, threads: int,
                tune_from: Optional[Path] = None, log=print) -> dict:
     """Run train.py for one run unless `done.json` says it finished; returns done.json's content."""
@@ -192,13 +188,12 @@ def train_once(cfg: dict, run_dir: Path, seed: int, device: str, amp: bool, thre
            '--device', device]
     if (run_dir / 'last.pth').is_file():
         cmd += ['-r', str(run_dir / 'last.pth')]
-    elif tune_from is not None:
-        cmd += ['-t', str(tune_from)]
+    else:
+        cmd.append('--overwrite')  # a run that never wrote last.pth starts over (stale logs of a crash go)
+        if tune_from is not None:
+            cmd += ['-t', str(tune_from)]
     if amp:
-        if _train_py_has('--use-amp'):
-            cmd.append('--use-amp')
-        else:
-            log('[bias] this train.py has no --use-amp: running in full precision')
+        cmd.append('--use-amp')
     env = {**os.environ, 'PYTHONPATH': str(REPO) + os.pathsep + os.environ.get('PYTHONPATH', '')}
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -400,7 +395,7 @@ def parse_args(argv=None):
     p.add_argument('--out', default=None, help='results folder (default docs/results; smoke needs --out)')
     p.add_argument('--work', default=None, help='data and run folders (default output/bias_experiment/PROFILE)')
     p.add_argument('--device', default=None, help="default: the profile's (cpu, or cuda for gpu)")
-    p.add_argument('--amp', action='store_true', help='pass --use-amp to train.py (CUDA; ignored if absent)')
+    p.add_argument('--amp', action='store_true', help='pass --use-amp to train.py (float16 autocast + GradScaler)')
     p.add_argument('--seeds', type=int, nargs='+', default=None, help="override the profile's seeds")
     p.add_argument('--jobs', type=int, default=None, help="train.py processes at once (default: the profile's)")
     return p.parse_args(argv)
