@@ -300,21 +300,13 @@ def mask_picture(run_dir: Path, data_dir: Path, path: Path, num_images: int = 4)
     import matplotlib.pyplot as plt
     import torch
 
-    from src.core.config import YAMLConfig
     from src.data.coco_dataset import CocoDetection
     from src.data.transforms import Compose, ConvertPILImage, Resize
-    from src.misc.checkpoint import load_checkpoint
-    from src.solver.trainer import set_epoch_everywhere
     from src.zoo.rtdetr import cass
+    from src.zoo.rtdetr.deploy import load_detector
 
-    cfg = YAMLConfig(str(run_dir / 'config.yaml'))
-    model = cfg.model
-    ckpt = load_checkpoint(str(run_dir / 'last.pth'))
-    ema = ckpt.get('ema')
-    state = ema.get('module', ema) if isinstance(ema, dict) and ema else ckpt['model']
-    model.load_state_dict(state)
-    model.eval()
-    set_epoch_everywhere(model, int(cfg.yaml_cfg['epochs']))
+    # EMA weights when present, loaded strictly, pruners past their warmup (as evaluation and export use them)
+    cfg, model, _ = load_detector(str(run_dir / 'config.yaml'), checkpoint=str(run_dir / 'last.pth'))
     hw = cfg.yaml_cfg['eval_spatial_size']
     dataset = CocoDetection(img_folder=str(data_dir / 'images' / 'val'),
                             ann_file=str(data_dir / 'annotations' / 'instances_val.json'),
