@@ -95,8 +95,8 @@ _TINY_MODEL = {
     'RTDETRPostProcessor': {'num_top_queries': 20},
 }
 # Planning figures (rough, shared CPU): the plain detector at 512x288 batch 4 takes about 2.8 s a step on
-# the 2 cores. cpu: per seed 600 stage-1 steps (~28 min) + 11 cells x 80 steps (~50 min with DSET's
-# overhead) + 17 evaluations of 240 val images; about 2.5 h for 2 seeds. gpu: 8 processes on one GPU.
+# the 2 cores. cpu: per seed 600 stage-1 steps (~30 min) + 11 cells x 40 steps (~35 min with DSET's
+# overhead and one evaluation each); about 2.2 h for 2 seeds. gpu: 8 processes on one GPU.
 PROFILES = {
     'smoke': Profile('smoke', num_train=8, num_val=4, image_wh=(160, 96), batch=2, stage1_epochs=1,
                      stage1_iters=2, stage2_epochs=1, stage2_iters=2, pruning_warmup_epochs=0, jobs=1,
@@ -104,7 +104,7 @@ PROFILES = {
                                                        Cell('patch', 0.3, 0.01)),
                      model_overrides=_TINY_MODEL, threads=2),
     'cpu': Profile('cpu', num_train=3000, num_val=240, image_wh=(512, 288), batch=4, stage1_epochs=6,
-                   stage1_iters=100, stage2_epochs=2, stage2_iters=40, pruning_warmup_epochs=0, jobs=1,
+                   stage1_iters=100, stage2_epochs=1, stage2_iters=40, pruning_warmup_epochs=0, jobs=1,
                    device='cpu'),
     'gpu': Profile('gpu', num_train=6000, num_val=400, image_wh=(640, 352), batch=16, stage1_epochs=8,
                    stage1_iters=250, stage2_epochs=3, stage2_iters=100, pruning_warmup_epochs=1, jobs=8,
