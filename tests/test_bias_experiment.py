@@ -59,3 +59,44 @@ def test_grid_is_five_normalisations_by_two_ratios_plus_scheme_a():
 
 def test_smoke_profile_refuses_to_write_into_docs(capsys):
     assert bx.main(['--profile', 'smoke']) == 2
+
+
+def _fake_run(monkeypatch, tmp_path, profile):
+    """Run bx.run with train.py, evaluation and pictures stubbed out; returns the train_once calls."""
+    calls = []
+
+    def fake_train_once(cfg, run_dir, seed, device, amp, threads, tune_from=None, log=print):
+        calls.append((run_dir.name, seed, tune_from.parent.name if tune_from else None))
+        return {'steps': cfg['epochs'] * cfg['max_iters_per_epoch']}
+
+    monkeypatch.setattr(bx, 'train_once', fake_train_once)
+    monkeypatch.setattr(bx, 'ensure_data', lambda profile, data_dir, log=print: data_dir)
+    monkeypatch.setattr(bx, 'run_record', lambda run_dir, cell, seed, profile, device, steps:
+                        {'cell': cell.name, 'seed': seed, **{k: 0.5 for k in ('AP_large', 'keep_recall_near',
+                                                                              'keep_recall_far')}})
+    monkeypatch.setattr(bx, 'learning_curve', lambda run_dir, iters: [{'steps': iters, 'AP': 0.1, 'AP50': 0.2}])
+    monkeypatch.setattr(bx, 'mask_picture', lambda *a, **k: None)
+    monkeypatch.setattr(bx, 'markdown_table', lambda records, cells: '')
+    result = bx.run(profile, tmp_path / 'out', tmp_path / 'work', 'cpu', False, log=lambda *_: None)
+    return calls, result
+
+
+def test_shared_stage1_profile_tunes_every_seed_from_the_one_stage1_run(monkeypatch, tmp_path):
+    profile = bx.Profile(**{**bx.asdict(bx.PROFILES['cpu']), 'cells': bx.GRID[:2]})
+    assert profile.stage1_seed == 0 and tuple(profile.seeds) == (0, 1)
+    calls, result = _fake_run(monkeypatch, tmp_path, profile)
+    assert [c for c in calls if c[0].startswith('stage1')] == [('stage1_seed0', 0, None)]
+    stage2 = [c for c in calls if not c[0].startswith('stage1')]
+    assert sorted((seed, src) for _, seed, src in stage2) == [(0, 'stage1_seed0')] * 2 + [(1, 'stage1_seed0')] * 2
+    assert {r['seed']: r['stage1_seed'] for r in result['records']} == {0: 0, 1: 0}
+    assert list(result['stage1_learning_curve']) == ['0']
+
+
+def test_per_seed_stage1_profile_tunes_each_seed_from_its_own_stage1(monkeypatch, tmp_path):
+    profile = bx.Profile(**{**bx.asdict(bx.PROFILES['gpu']), 'cells': bx.GRID[:1], 'jobs': 1})
+    assert profile.stage1_seed is None
+    calls, result = _fake_run(monkeypatch, tmp_path, profile)
+    assert sorted(c for c in calls if c[0].startswith('stage1')) == [('stage1_seed0', 0, None), ('stage1_seed1', 1, None)]
+    assert sorted((seed, src) for name, seed, src in calls if not name.startswith('stage1')) == \
+        [(0, 'stage1_seed0'), (1, 'stage1_seed1')]
+    assert {r['seed']: r['stage1_seed'] for r in result['records']} == {0: 0, 1: 1}

@@ -5,8 +5,9 @@
     python tools/bias_experiment.py --profile smoke --out /tmp/bias  # CPU, a few minutes, used by a test
 
 Every training run is `train.py` in a subprocess, as a user runs it (no second training loop):
-- stage 1, once per seed: the plain RT-DETRv2-R18 (encoder on P4 and P5, no DSET) trained on the synthetic
-  roadside set; its evaluations are the learning curve (AP50 against steps), recorded in the json;
+- stage 1, once per seed (or once, with seed `stage1_seed`, for every seed: the cpu profile, where a second
+  stage 1 does not fit the budget): the plain RT-DETRv2-R18 (encoder on P4 and P5, no DSET) trained on the
+  synthetic roadside set; its evaluations are the learning curve (AP50 against steps), recorded in the json;
 - stage 2, per cell and seed: DSET (keep 0.3 on P4 and P5, MoE, CASS) tuned from stage 1 (`-t`) for
   `cass_normalization` in NORMALIZATIONS x `cass_expansion_ratio` in (0.8, 0.3), plus the seeds' scheme A
   (patch, weight 0.01, r 0.3). Every cell of a seed starts from the same weights with the same `--seed`
@@ -86,6 +87,7 @@ class Profile:
     lr: float = 2e-4
     threads: int = 0                 # torch threads per process (0: torch's default)
     loader_workers: int = 0          # dataloader worker processes per train.py
+    stage1_seed: Optional[int] = None  # None: one stage 1 per seed; N: every seed tunes from stage 1 of seed N
 
 
 _TINY_MODEL = {
@@ -94,9 +96,11 @@ _TINY_MODEL = {
                             'num_denoising': 10, 'dim_feedforward': 128, 'nhead': 4, 'num_layers': 2},
     'RTDETRPostProcessor': {'num_top_queries': 20},
 }
-# Planning figures (rough, shared CPU): the plain detector at 512x288 batch 4 takes about 2.8 s a step on
-# the 2 cores. cpu: per seed 600 stage-1 steps (~30 min) + 11 cells x 40 steps (~35 min with DSET's
-# overhead and one evaluation each); about 2.2 h for 2 seeds. gpu: 8 processes on one GPU.
+# Measured on the quiet 2-core machine (2026-12-02): the stage-1 detector (encoder on P4 and P5) at 512x288
+# batch 4 takes about 4 s a step. cpu: 600 stage-1 steps (~45 min with evaluations) + per seed 11 cells x 40
+# steps (~40 min); a stage 1 per seed would make 2 seeds 3.3 h, so both seeds tune from stage 1 of seed 0
+# (as every user tunes from the one COCO checkpoint): about 2.1 h. gpu: 8 processes on one GPU, a stage 1
+# per seed.
 PROFILES = {
     'smoke': Profile('smoke', num_train=8, num_val=4, image_wh=(160, 96), batch=2, stage1_epochs=1,
                      stage1_iters=2, stage2_epochs=1, stage2_iters=2, pruning_warmup_epochs=0, jobs=1,
@@ -105,7 +109,7 @@ PROFILES = {
                      model_overrides=_TINY_MODEL, threads=2),
     'cpu': Profile('cpu', num_train=3000, num_val=240, image_wh=(512, 288), batch=4, stage1_epochs=6,
                    stage1_iters=100, stage2_epochs=1, stage2_iters=40, pruning_warmup_epochs=0, jobs=1,
-                   device='cpu'),
+                   device='cpu', stage1_seed=0),
     'gpu': Profile('gpu', num_train=6000, num_val=400, image_wh=(640, 352), batch=16, stage1_epochs=8,
                    stage1_iters=250, stage2_epochs=3, stage2_iters=100, pruning_warmup_epochs=1, jobs=8,
                    device='cuda', lr=4e-4, loader_workers=2),
@@ -335,6 +339,16 @@ def mask_picture(run_dir: Path, data_dir: Path, path: Path, num_images: int = 4)
 
 
 # ------------------------------------------------------------------------------------------------ main
+def stage1_seed_of(profile: Profile, seed: int) -> int:
+    """The seed of the stage-1 run whose weights the stage-2 cells of `seed` start from."""
+    return seed if profile.stage1_seed is None else profile.stage1_seed
+
+
+def stage1_seeds(profile: Profile) -> List[int]:
+    """The stage-1 runs a profile needs, in order."""
+    return list(dict.fromkeys(stage1_seed_of(profile, s) for s in profile.seeds))
+
+
 def run(profile: Profile, out: Path, work: Path, device: str, amp: bool, log=print) -> dict:
     """The whole experiment; returns the json written to out/bias_experiment.json."""
     data_dir = ensure_data(profile, work / 'data', log)
@@ -351,15 +365,16 @@ def run(profile: Profile, out: Path, work: Path, device: str, amp: bool, log=pri
         seed, cell = job
         run_dir = runs / f'{cell.name}_seed{seed}'
         info = train_once(run_config(profile, data_dir, run_dir, cell), run_dir, seed, device, amp,
-                          profile.threads, tune_from=stage1[seed] / 'last.pth', log=log)
+                          profile.threads, tune_from=stage1[stage1_seed_of(profile, seed)] / 'last.pth', log=log)
         return seed, cell, run_dir, info
 
     with ThreadPoolExecutor(max(1, profile.jobs)) as pool:
-        for seed, run_dir, _ in pool.map(_stage1, profile.seeds):
+        for seed, run_dir, _ in pool.map(_stage1, stage1_seeds(profile)):
             stage1[seed] = run_dir
         jobs = [(seed, cell) for seed in profile.seeds for cell in profile.cells]
         finished = list(pool.map(_stage2, jobs))
     records = [run_record(run_dir, cell, seed, profile, device, info['steps'])
+               | {'stage1_seed': stage1_seed_of(profile, seed)}
                for seed, cell, run_dir, info in finished]
     curves = {str(seed): learning_curve(run_dir, profile.stage1_iters) for seed, run_dir in stage1.items()}
     result = {'profile': asdict(profile) | {'cells': [asdict(c) for c in profile.cells]},
@@ -370,9 +385,11 @@ def run(profile: Profile, out: Path, work: Path, device: str, amp: bool, log=pri
               'records': records}
     out.mkdir(parents=True, exist_ok=True)
     (out / 'bias_experiment.json').write_text(json.dumps(result, indent=1, default=float))
+    shared = ('' if profile.stage1_seed is None
+              else f' (stage 2 of every seed tuned from stage 1 of seed {profile.stage1_seed})')
     (out / 'bias_experiment.md').write_text(
-        f"Profile `{profile.name}`, device {device}, {len(profile.seeds)} seed(s); `{result['command']}`; "
-        f"{result['date']}.\n\n" + markdown_table(records, profile.cells))
+        f"Profile `{profile.name}`, device {device}, {len(profile.seeds)} seed(s){shared}; "
+        f"`{result['command']}`; {result['date']}.\n\n" + markdown_table(records, profile.cells))
     plot_cells(records, profile.cells, out / 'bias_experiment.png')
     (out / 'masks').mkdir(exist_ok=True)
     for cell in profile.cells:
@@ -390,6 +407,8 @@ def parse_args(argv=None):
     p.add_argument('--amp', action='store_true', help='pass --use-amp to train.py (float16 autocast + GradScaler)')
     p.add_argument('--seeds', type=int, nargs='+', default=None, help="override the profile's seeds")
     p.add_argument('--jobs', type=int, default=None, help="train.py processes at once (default: the profile's)")
+    p.add_argument('--stage1-per-seed', action='store_true',
+                   help='one stage 1 per seed even where the profile shares the stage 1 of one seed (cpu)')
     return p.parse_args(argv)
 
 
@@ -400,6 +419,8 @@ def main(argv=None) -> int:
         profile = Profile(**{**asdict(profile), 'seeds': tuple(args.seeds), 'cells': profile.cells})
     if args.jobs:
         profile = Profile(**{**asdict(profile), 'jobs': args.jobs, 'cells': profile.cells})
+    if args.stage1_per_seed:
+        profile = Profile(**{**asdict(profile), 'stage1_seed': None, 'cells': profile.cells})
     if args.out is None and profile.name == 'smoke':
         print('bias_experiment: the smoke profile must not write to docs/results; pass --out DIR', file=sys.stderr)
         return 2
