@@ -51,7 +51,8 @@ QUICK_VARIANTS = ["plain_p5", "plain_p4p5", "dset_k1.0_moe", "dset_k0.3_moe"]
 STAGES = ("backbone", "encoder_proj", "aifi_p4", "pruner_p4", "aifi_p5", "pruner_p5", "ccfm", "decoder",
           "postprocessor")
 ROW_KEYS = ("model", "device", "dtype", "input", "batch", "median_ms", "p25_ms", "p75_ms", "repeats", "stages_ms",
-            "gflops", "stage_gflops", "kept_fraction")
+            "gflops", "stage_gflops", "kept_fraction", "run")
+ROW_ID = ("model", "device", "dtype", "input", "batch")  # one measurement; --append replaces rows with the same id
 
 
 # ---------------------------------------------------------------- models
@@ -313,14 +314,29 @@ def run_bench(args) -> dict:
                                      or None,
                                      "gflops": round(gflops * batch, 3),
                                      "stage_gflops": {k: round(v * batch, 3) for k, v in sflops.items()},
-                                     "kept_fraction": kept})
+                                     "kept_fraction": kept, "run": 0})
                         print(_row_line(rows[-1]), flush=True)
                     del variants
-    return {"meta": {"date": datetime.date.today().isoformat(), "command": "python -m bench.latency_bench "
-                     + " ".join(sys.argv[1:]), "quick": args.quick, "machine": machine(),
-                     "note": "random weights; FLOPs at batch 1 x batch; per-stage runs synchronise at stage "
-                             "boundaries; onnxruntime rows: MoE in dense dispatch"},
-            "rows": rows}
+    meta = {"date": datetime.date.today().isoformat(), "command": "python -m bench.latency_bench "
+            + " ".join(sys.argv[1:]), "quick": args.quick, "machine": machine(),
+            "note": "random weights; FLOPs at batch 1 x batch; per-stage runs synchronise at stage "
+                    "boundaries; onnxruntime rows: MoE in dense dispatch"}
+    return {"meta": meta, "runs": [meta], "rows": rows}
+
+
+def merge_results(old: dict, new: dict) -> dict:
+    """`new` appended to `old` (--append): rows of `new` replace those of `old` with the same ROW_ID, the
+    others stay; `runs` lists every bench run that measured a remaining row and each row's `run` indexes it.
+    `meta` is the newest run's. Files written before `runs` existed count as one run."""
+    old_runs = old.get("runs") or [old["meta"]]
+    new_ids = {tuple(r[k] for k in ROW_ID) for r in new["rows"]}
+    kept = [{**r, "run": r.get("run", 0)} for r in old["rows"] if tuple(r[k] for k in ROW_ID) not in new_ids]
+    used = sorted({r["run"] for r in kept})
+    renumber = {old_index: i for i, old_index in enumerate(used)}
+    runs = [old_runs[i] for i in used] + list(new["runs"])
+    rows = ([{**r, "run": renumber[r["run"]]} for r in kept]
+            + [{**r, "run": r["run"] + len(used)} for r in new["rows"]])
+    return {"meta": new["meta"], "runs": runs, "rows": rows}
 
 
 def _row_line(r: dict) -> str:
@@ -331,8 +347,11 @@ def _row_line(r: dict) -> str:
 def markdown_table(result: dict) -> str:
     """Markdown table of the rows (stage columns: median ms of the per-stage runs)."""
     cols = ["backbone", "encoder_proj", "aifi_p4", "aifi_p5", "ccfm", "decoder", "postprocessor"]
+    runs = result.get("runs") or [result["meta"]]
+    many = len(runs) > 1  # rows of several bench runs (--append): a run column, one footer line per run
     head = ("| model | device | input | batch | median ms (p25-p75) | " + " | ".join(cols)
-            + " | GFLOPs | kept P4/P5 |\n|---|---|---|---:|---:|" + "---:|" * len(cols) + "---:|---|")
+            + " | GFLOPs | kept P4/P5 |" + (" run |" if many else "")
+            + "\n|---|---|---|---:|---:|" + "---:|" * len(cols) + "---:|---|" + ("---:|" if many else ""))
     lines = [head]
     for r in result["rows"]:
         st = r["stages_ms"] or {}
@@ -341,11 +360,13 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| {r['model']} | {dev} | {r['input']} | {r['batch']} | {r['median_ms']:.1f} "
                      f"({r['p25_ms']:.1f}-{r['p75_ms']:.1f}) | "
                      + " | ".join(f"{st[c]:.1f}" if c in st else "-" for c in cols)
-                     + f" | {r['gflops']:.1f} | {kept} |")
-    m = result["meta"]
-    lines.append(f"\n`{m['command']}`, {m['date']}, {m['machine'].get('processor')} "
+                     + f" | {r['gflops']:.1f} | {kept} |" + (f" {r.get('run', 0)} |" if many else ""))
+    lines.append("")
+    for i, m in enumerate(runs):
+        where = (f"`{m['command']}`, {m['date']}, {m['machine'].get('processor')} "
                  f"({m['machine'].get('cpu_count')} CPUs, {m['machine'].get('torch_threads')} torch threads)"
                  + (f", {m['machine']['gpu']}" if "gpu" in m["machine"] else "") + f", torch {m['machine']['torch']}")
+        lines.append(f"- run {i}: {where}" if len(runs) > 1 else where)
     return "\n".join(lines) + "\n"
 
 
@@ -362,6 +383,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed runs per variant first (default 2, quick 1)")
     p.add_argument("--out", default=None, help="json path (default docs/results/latency.json; quick: "
                                                 "output/latency_quick.json); the markdown table goes next to it")
+    p.add_argument("--append", action="store_true",
+                   help="merge into the json at --out: rows measured again are replaced, the others kept")
     p.add_argument("-u", "--extra", nargs="+", default=[], help="extra config overrides for every variant")
     args = p.parse_args(argv)
     q = args.quick
@@ -384,6 +407,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     result = run_bench(args)
     out = Path(args.out)
+    if args.append and out.is_file():
+        result = merge_results(json.loads(out.read_text()), result)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     out.with_suffix(".md").write_text(markdown_table(result))

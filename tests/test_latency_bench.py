@@ -56,3 +56,33 @@ def test_quick_bench_writes_rows_with_the_documented_schema(tmp_path):
     assert rows["dset_k1.0_moe"]["kept_fraction"] == {"p4": 1.0, "p5": 1.0}
     assert rows["dset_k0.3_moe"]["stage_gflops"]["aifi_p4"] < rows["dset_k1.0_moe"]["stage_gflops"]["aifi_p4"]
     assert "| plain_p5 | cpu | 96x160 | 1 |" in out.with_suffix(".md").read_text()
+
+
+def _result(date, rows):
+    meta = {"date": date, "command": f"python -m bench.latency_bench # {date}", "quick": False,
+            "machine": {"processor": "x86_64", "cpu_count": 2, "torch_threads": 2, "torch": "2.x"}}
+    full = [{**{k: None for k in lb.ROW_KEYS}, "model": m, "device": "cpu", "dtype": "float32", "input": hw,
+             "batch": b, "median_ms": ms, "p25_ms": ms, "p75_ms": ms, "stages_ms": None, "gflops": 1.0,
+             "kept_fraction": None, "run": 0} for m, hw, b, ms in rows]
+    return {"meta": meta, "runs": [meta], "rows": full}
+
+
+def test_append_replaces_rows_measured_again_and_keeps_the_others_with_their_run():
+    old = _result("2026-12-01", [("plain_p5", "736x1280", 1, 100.0), ("dset_k0.3_moe", "736x1280", 1, 110.0)])
+    del old["runs"]  # a file written before `runs` existed
+    for r in old["rows"]:
+        del r["run"]
+    new = _result("2026-12-02", [("plain_p5", "736x1280", 1, 90.0), ("plain_p5", "640x640", 8, 400.0)])
+    merged = lb.merge_results(old, new)
+    got = {(r["model"], r["input"], r["batch"]): (r["median_ms"], r["run"]) for r in merged["rows"]}
+    assert got == {("dset_k0.3_moe", "736x1280", 1): (110.0, 0), ("plain_p5", "736x1280", 1): (90.0, 1),
+                   ("plain_p5", "640x640", 8): (400.0, 1)}
+    assert [m["date"] for m in merged["runs"]] == ["2026-12-01", "2026-12-02"] and merged["meta"] == new["meta"]
+    table = lb.markdown_table(merged)
+    assert "| dset_k0.3_moe | cpu | 736x1280 | 1 | 110.0 (110.0-110.0) |" in table and " run |" in table
+    assert "- run 0: `python -m bench.latency_bench # 2026-12-01`" in table
+    # a run none of whose rows is left is dropped, and the indices close up
+    again = lb.merge_results(merged, _result("2026-12-03", [("dset_k0.3_moe", "736x1280", 1, 105.0)]))
+    assert [m["date"] for m in again["runs"]] == ["2026-12-02", "2026-12-03"]
+    assert sorted((r["model"], r["run"]) for r in again["rows"]) == \
+        [("dset_k0.3_moe", 1), ("plain_p5", 0), ("plain_p5", 0)]
