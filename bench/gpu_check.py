@@ -22,13 +22,14 @@ import argparse
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
+
+from src.misc.dist import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,12 +79,6 @@ def summarize_run(out_dir: Path) -> dict:
             "peak_memory_gib": round(peak, 2) if peak is not None else None,
             "skipped_steps": record.get("skipped_steps"),
             "losses_finite": bool(losses) and all(math.isfinite(v) for v in losses)}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd, log: Path, timeout: float) -> tuple:

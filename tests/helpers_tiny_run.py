@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 import yaml
 
 from src.data.synthetic_roadside import generate_dataset
+from src.misc.dist import free_port  # noqa: F401  (re-exported for the DDP tests)
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "train.py"
@@ -152,12 +152,6 @@ def run_train(args: List[str], timeout: float = 180, threads: int = 2) -> subpro
     """Run ``python train.py ARGS --device cpu`` to completion; stdout and stderr captured as text."""
     return subprocess.run([sys.executable, str(TRAIN_PY), *args, "--device", "cpu"], cwd=str(REPO),
                           env=subprocess_env(threads), capture_output=True, text=True, timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def final_tensors(ckpt_path: Path) -> Dict[str, torch.Tensor]:

@@ -1,5 +1,6 @@
 """Distributed helpers: the one place that talks to torch.distributed."""
 import os
+import socket
 from typing import Dict
 
 import torch
@@ -115,3 +116,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for torchrun's --master_port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
