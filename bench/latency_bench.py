@@ -206,7 +206,9 @@ def time_torch(variants: Dict[str, DeployModel], images, sizes, device: str, dty
 
 def time_onnx(variants: Dict[str, DeployModel], images, sizes, hw, repeats: int, warmup: int,
               workdir: str) -> Dict[str, dict]:
-    """Export every variant (tools/export_onnx.py) and time onnxruntime CPU sessions interleaved."""
+    """Export every variant (tools/export_onnx.py) and time onnxruntime CPU sessions interleaved. The graphs
+    have a dynamic batch, so a variant is exported once per input size and reused for the other batches
+    (`build` gives the same weights every time)."""
     import onnxruntime as ort
 
     from tools.export_onnx import export
@@ -214,11 +216,12 @@ def time_onnx(variants: Dict[str, DeployModel], images, sizes, hw, repeats: int,
     sessions = {}
     for name, deploy in variants.items():
         path = os.path.join(workdir, f"{name}_{hw[0]}x{hw[1]}.onnx")
-        set_dense_moe_dispatch(deploy.model, True)
-        try:
-            export(deploy, path, hw)
-        finally:
-            set_dense_moe_dispatch(deploy.model, False)
+        if not os.path.exists(path):
+            set_dense_moe_dispatch(deploy.model, True)
+            try:
+                export(deploy, path, hw)
+            finally:
+                set_dense_moe_dispatch(deploy.model, False)
         sessions[name] = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     feed = {"images": images.cpu().numpy(), "orig_target_sizes": sizes.cpu().numpy()}
     for sess in sessions.values():
