@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -416,11 +416,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     profile = PROFILES[args.profile]
     if args.seeds:
-        profile = Profile(**{**asdict(profile), 'seeds': tuple(args.seeds), 'cells': profile.cells})
+        profile = replace(profile, seeds=tuple(args.seeds))
     if args.jobs:
-        profile = Profile(**{**asdict(profile), 'jobs': args.jobs, 'cells': profile.cells})
+        profile = replace(profile, jobs=args.jobs)
     if args.stage1_per_seed:
-        profile = Profile(**{**asdict(profile), 'stage1_seed': None, 'cells': profile.cells})
+        profile = replace(profile, stage1_seed=None)
     if args.out is None and profile.name == 'smoke':
         print('bias_experiment: the smoke profile must not write to docs/results; pass --out DIR', file=sys.stderr)
         return 2
