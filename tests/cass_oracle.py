@@ -232,6 +232,8 @@ def oracle_keep_bias(logits, gt_bboxes, feat_shape, img_shape, patch_size, keep_
     groups = {g: [0.0, 0.0, 0] for g in ('small', 'medium', 'large', 'far', 'near')}
     no_core = 0
     cent = [0.0, 0.0, 0]
+    shares = {'target_bottom_share': 0.0, 'kept_bottom_share': 0.0, 'target_positive_share': 0.0,
+              'keep_fraction': 0.0}
     for z, boxes in zip(logits.double(), gt_bboxes):
         y = image_target(boxes, feat_shape, img_shape, patch_size, cfg)
         zl, yl = [float(v) for v in z], [float(v) for v in y]
@@ -256,6 +258,11 @@ def oracle_keep_bias(logits, gt_bboxes, feat_shape, img_shape, patch_size, keep_
                 cent[0] += sign * sum(wt * px for wt, (px, _) in zip(weights, pts)) / mass
                 cent[1] += sign * sum(wt * py for wt, (_, py) in zip(weights, pts)) / mass
             cent[2] += 1
+            bottom = [cy * sy >= H / 2 for _, cy in centres(feat_shape, patch_size)]
+            shares['target_bottom_share'] += sum(v for v, b in zip(yl, bottom) if b) / sum(yl)
+            shares['kept_bottom_share'] += sum(bottom[p] for p in kept) / k
+            shares['target_positive_share'] += sum(v > 0 for v in yl) / P
+            shares['keep_fraction'] += k / P
     out = {}
     for g, (s, so, c) in groups.items():
         out[f'keep_recall_{g}'] = s / c if c else 0.0
@@ -263,6 +270,9 @@ def oracle_keep_bias(logits, gt_bboxes, feat_shape, img_shape, patch_size, keep_
         out[f'num_boxes_{g}'] = float(c)
     out['centroid_dx'] = cent[0] / cent[2] if cent[2] else 0.0
     out['centroid_dy'] = cent[1] / cent[2] if cent[2] else 0.0
+    out.update({name: v / cent[2] if cent[2] else 0.0 for name, v in shares.items()})
+    out['bottom_keep_ratio'] = (out['kept_bottom_share'] / out['target_bottom_share']
+                                if out['target_bottom_share'] else 0.0)
     out['num_boxes_without_core'] = float(no_core)
     out['num_images_centroid'] = float(cent[2])
     return out

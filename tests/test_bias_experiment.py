@@ -1,5 +1,7 @@
-"""tools/bias_experiment.py, smoke profile end to end: real train.py runs, complete records, table, plot, pictures."""
+"""tools/bias_experiment.py: the smoke profile end to end (real train.py runs), and the grid, statistics and
+resume logic against hand-computed values."""
 import json
+import math
 
 import pytest
 
@@ -14,89 +16,149 @@ def smoke(tmp_path_factory):
     return out, work
 
 
-def test_smoke_profile_writes_one_complete_record_per_run(smoke):
+def _result(out):
+    return json.loads((out / 'bias_experiment.json').read_text())
+
+
+def test_smoke_writes_controls_step0_and_a_time_course_record_per_evaluation(smoke):
     out, _ = smoke
-    result = json.loads((out / 'bias_experiment.json').read_text())
+    result = _result(out)
     profile = bx.PROFILES['smoke']
-    records = result['records']
-    assert len(records) == len(profile.cells) * len(profile.seeds)
-    assert {(r['cell'], r['seed']) for r in records} == {(c.name, s) for c in profile.cells for s in profile.seeds}
-    for r in records:
+    got = {(r['cell'], r['seed'], r['steps']) for r in result['records']}
+    expected = {(c.name, s, e * profile.stage2_iters) for s in profile.seeds for c in profile.cells
+                for e in range(profile.stage2_epochs + 1)}
+    expected |= {(c.name, s, e * profile.stage2_iters) for s in profile.extra_seeds for c in profile.extra_cells
+                 for e in range(profile.extra_stage2_epochs + 1)}
+    assert got == expected
+    assert {'plain_continue', 'cass_w0'} <= {r['cell'] for r in result['records']}
+    assert result['complete'] is True and result['missing_runs'] == []
+    for r in result['records']:
         assert set(bx.RECORD_KEYS) <= set(r), set(bx.RECORD_KEYS) - set(r)
-        for key in bx.RECORD_KEYS:
-            if key.startswith('keep_recall') or key in ('AP', 'AP50', 'centroid_dy'):
-                assert isinstance(r[key], float), (key, r[key])
-        assert 0.0 <= r['keep_recall_near_P4'] <= 1.0 and r['steps'] == profile.stage2_epochs * profile.stage2_iters
-    scheme_a = [r for r in records if r['cell'] == 'A_patch_r0.3_w0.01']
-    assert scheme_a and all(r['cass_loss_weight'] == 0.01 and r['cass_expansion_ratio'] == 0.3 for r in scheme_a)
-    curve = result['stage1_learning_curve']['0']
-    assert [p['steps'] for p in curve] == [profile.stage1_iters * (e + 1) for e in range(profile.stage1_epochs)]
+        assert isinstance(r['AP'], float) and r['commit'] == result['commit'] and len(r['commit']) >= 40
+        if r['cell'] != 'plain_continue':
+            assert 0.0 <= r['keep_recall_near_P4'] <= 1.0 and 0.0 <= r['keep_recall_far_half1'] <= 1.0
+            assert r['keep_fraction_P4'] == pytest.approx(r['keep_fraction_P4'])
+        else:
+            assert r['keep_recall_near'] is None and r['cass_loss_weight'] is None
+    # every DSET cell of a seed starts from the same weights: the step-0 keep decisions are the same
+    step0 = [r for r in result['records'] if r['steps'] == 0 and r['cell'] != 'plain_continue']
+    assert len({r['keep_recall_near'] for r in step0}) == 1 and all(r['step0_shared'] for r in step0)
+    # the plain control's step 0 is stage 1's last evaluation
+    plain0 = next(r for r in result['records'] if r['cell'] == 'plain_continue' and r['steps'] == 0)
+    assert plain0['AP'] == result['stage1_learning_curve']['0'][-1]['AP']
 
 
-def test_smoke_profile_writes_table_plot_and_one_mask_picture_per_cell(smoke):
+def test_smoke_matched_cell_uses_the_measured_scale_and_the_controls_their_weights(smoke):
+    out, _ = smoke
+    result = _result(out)
+    strength = result['strength']['0']
+    cell = 'perlevel_ob+ap_r0.3_matched'
+    assert strength[cell]['reference'] == 'patch_r0.3'
+    assert strength[cell]['scale'] == pytest.approx(strength['patch_r0.3']['grad_norm'] / strength[cell]['grad_norm'])
+    weights = {r['cell']: r['cass_loss_weight'] for r in result['records']}
+    assert weights[cell] == pytest.approx(0.05 * strength[cell]['scale'])
+    assert weights['cass_w0'] == 0.0 and weights['patch_r0.8'] == 0.05
+    perlevel = next(r for r in result['records'] if r['cell'] == cell)
+    assert perlevel['cass_normalization'] == ['object_balanced', 'area_patch']
+
+
+def test_smoke_target_stats_per_ratio_and_level(smoke):
+    out, _ = smoke
+    stats = _result(out)['target_stats']
+    assert set(stats) == {'r0.8', 'r0.3'}
+    for ratio in stats.values():
+        for level in ('P4', 'P5'):
+            s = ratio[level]
+            assert 0 < s['target_bottom_share'] < 1 and 0 < s['target_positive_share'] <= 1
+            assert 0 < s['keep_fraction'] <= 1 and 0 <= s['oracle_keep_recall_near'] <= 1
+    # a wider context band marks at least as many patches positive
+    assert stats['r0.8']['P4']['target_positive_share'] >= stats['r0.3']['P4']['target_positive_share']
+
+
+def test_smoke_writes_tables_plots_and_mask_pictures(smoke):
     out, _ = smoke
     table = (out / 'bias_experiment.md').read_text()
     for cell in bx.PROFILES['smoke'].cells:
         assert f'| {cell.name} |' in table
-        assert (out / 'masks' / f'{cell.name}.png').stat().st_size > 1000
+        if cell.dset:
+            assert (out / 'masks' / f'{cell.name}.png').stat().st_size > 1000
+    assert 'Paired per-seed differences against patch_r0.8' in table and 'Time course' in table
     assert (out / 'bias_experiment.png').stat().st_size > 1000
+    assert (out / 'bias_time_course.png').stat().st_size > 1000
 
 
-def test_finished_runs_are_skipped_on_a_second_call(smoke, capsys):
-    out, work = smoke
-    stamps = {p: p.stat().st_mtime for p in work.glob('runs/*/done.json')}
-    assert bx.main(['--profile', 'smoke', '--out', str(out), '--work', str(work)]) == 0
-    assert 'done, skipped' in capsys.readouterr().out
-    assert {p: p.stat().st_mtime for p in work.glob('runs/*/done.json')} == stamps
+def test_recorded_runs_are_not_run_again_even_without_their_work_files(smoke, tmp_path, monkeypatch):
+    """The json is the resume point across sessions: a new --work folder runs nothing already recorded."""
+    out, _ = smoke
+    before = _result(out)['records']
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('train.py was started for a recorded run')
+
+    monkeypatch.setattr(bx, 'train_once', refuse)
+    monkeypatch.setattr(bx, 'mask_picture', lambda *a, **k: None)
+    assert bx.main(['--profile', 'smoke', '--out', str(out), '--work', str(tmp_path / 'fresh')]) == 0
+    assert _result(out)['records'] == before
 
 
-def test_grid_is_five_normalisations_by_two_ratios_plus_scheme_a():
-    names = [c.name for c in bx.GRID]
-    assert len(names) == 11 == len(set(names))
-    assert {(c.normalization, c.ratio) for c in bx.GRID if not c.is_scheme_a} == \
-        {(n, r) for n in bx.NORMALIZATIONS for r in (0.8, 0.3)}
+def test_a_json_of_another_protocol_is_refused(tmp_path, capsys):
+    (tmp_path / 'bias_experiment.json').write_text(json.dumps({'protocol': {'version': 1}, 'records': []}))
+    assert bx.main(['--profile', 'smoke', '--out', str(tmp_path), '--work', str(tmp_path / 'w')]) == 2
+    assert 'another protocol' in capsys.readouterr().err
 
 
-def test_smoke_profile_refuses_to_write_into_docs(capsys):
+def test_smoke_profile_refuses_to_write_into_docs():
     assert bx.main(['--profile', 'smoke']) == 2
 
 
-def _fake_run(monkeypatch, tmp_path, profile):
-    """Run bx.run with train.py, evaluation and pictures stubbed out; returns the train_once calls."""
-    calls = []
-
-    def fake_train_once(cfg, run_dir, seed, device, amp, threads, tune_from=None, log=print):
-        calls.append((run_dir.name, seed, tune_from.parent.name if tune_from else None))
-        return {'steps': cfg['epochs'] * cfg['max_iters_per_epoch']}
-
-    monkeypatch.setattr(bx, 'train_once', fake_train_once)
-    monkeypatch.setattr(bx, 'ensure_data', lambda profile, data_dir, log=print: data_dir)
-    monkeypatch.setattr(bx, 'run_record', lambda run_dir, cell, seed, profile, device, steps:
-                        {'cell': cell.name, 'seed': seed, **{k: 0.5 for k in ('AP_large', 'keep_recall_near',
-                                                                              'keep_recall_far')}})
-    monkeypatch.setattr(bx, 'learning_curve', lambda run_dir, iters: [{'steps': iters, 'AP': 0.1, 'AP50': 0.2}])
-    monkeypatch.setattr(bx, 'mask_picture', lambda *a, **k: None)
-    monkeypatch.setattr(bx, 'markdown_table', lambda records, cells: '')
-    result = bx.run(profile, tmp_path / 'out', tmp_path / 'work', 'cpu', False, log=lambda *_: None)
-    return calls, result
+def test_unknown_seed_is_refused(capsys):
+    assert bx.main(['--profile', 'cpu', '--seeds', '7']) == 2
+    assert 'not seeds of the cpu profile' in capsys.readouterr().err
 
 
-def test_shared_stage1_profile_tunes_every_seed_from_the_one_stage1_run(monkeypatch, tmp_path):
-    profile = bx.Profile(**{**bx.asdict(bx.PROFILES['cpu']), 'cells': bx.GRID[:2]})
-    assert profile.stage1_seed == 0 and tuple(profile.seeds) == (0, 1)
-    calls, result = _fake_run(monkeypatch, tmp_path, profile)
-    assert [c for c in calls if c[0].startswith('stage1')] == [('stage1_seed0', 0, None)]
-    stage2 = [c for c in calls if not c[0].startswith('stage1')]
-    assert sorted((seed, src) for _, seed, src in stage2) == [(0, 'stage1_seed0')] * 2 + [(1, 'stage1_seed0')] * 2
-    assert {r['seed']: r['stage1_seed'] for r in result['records']} == {0: 0, 1: 0}
-    assert list(result['stage1_learning_curve']) == ['0']
+def test_cpu_grid_has_controls_matched_modes_and_the_per_level_mode_on_three_seeds():
+    cpu = bx.PROFILES['cpu']
+    names = [c.name for c in cpu.cells]
+    assert names == ['plain_continue', 'cass_w0', 'patch_r0.8', 'patch_r0.3', 'object_balanced_r0.3_matched',
+                     'area_patch_r0.3_matched', 'perlevel_ob+ap_r0.3_matched']
+    assert tuple(cpu.seeds) == (0, 1, 2) and tuple(cpu.extra_seeds) == (0, 1)
+    jobs = bx.plan(cpu)
+    assert len(jobs) == 3 * 7 + 2 * 3 and len({(s, c.name) for s, c, _ in jobs}) == len(jobs)
+    assert {e for _, c, e in jobs if c in cpu.extra_cells} == {cpu.extra_stage2_epochs}
+    assert cpu.pruning_warmup_epochs == 0 and bx.PROFILES['gpu'].pruning_warmup_epochs == 0
+    assert set(bx.SHORT) == set(bx.NORMALIZATIONS)
 
 
-def test_per_seed_stage1_profile_tunes_each_seed_from_its_own_stage1(monkeypatch, tmp_path):
-    profile = bx.Profile(**{**bx.asdict(bx.PROFILES['gpu']), 'cells': bx.GRID[:1], 'jobs': 1})
-    assert profile.stage1_seed is None
-    calls, result = _fake_run(monkeypatch, tmp_path, profile)
-    assert sorted(c for c in calls if c[0].startswith('stage1')) == [('stage1_seed0', 0, None), ('stage1_seed1', 1, None)]
-    assert sorted((seed, src) for name, seed, src in calls if not name.startswith('stage1')) == \
-        [(0, 'stage1_seed0'), (1, 'stage1_seed1')]
-    assert {r['seed']: r['stage1_seed'] for r in result['records']} == {0: 0, 1: 1}
+def test_paired_difference_has_the_hand_computed_t_interval():
+    d = bx.paired_difference([0.5, 0.6, 0.7], [0.4, 0.4, 0.4])    # differences 0.1, 0.2, 0.3: sd 0.1
+    half = 4.303 * 0.1 / math.sqrt(3)
+    assert d['n'] == 3 and d['mean'] == pytest.approx(0.2)
+    assert d['low'] == pytest.approx(0.2 - half) and d['high'] == pytest.approx(0.2 + half)
+    assert bx.paired_difference([0.5], [0.4]) == {'mean': pytest.approx(0.1), 'low': None, 'high': None, 'n': 1}
+    assert bx.paired_difference([None], [0.4]) is None
+
+
+def test_strength_scale_matches_the_reference_gradient():
+    assert bx.strength_scale(0.3, 0.1) == pytest.approx(3.0)
+    assert bx.strength_scale(0.3, 0.0) == 1.0 and bx.strength_scale(0.0, 0.2) == 1.0
+
+
+def test_selection_is_made_on_one_half_and_reported_on_the_other():
+    def rec(cell, seed, near0, far0, near1):
+        r = {'cell': cell, 'seed': seed, 'steps': 10}
+        r.update({'keep_recall_near_half0': near0, 'keep_recall_far_half0': far0, 'keep_recall_near_half1': near1,
+                  'keep_recall_far_half1': 0.5, 'keep_recall_large_half1': 0.4, 'keep_recall_small_half1': 0.6})
+        return r
+    records = [rec('a', 0, 0.9, 0.6, 0.1), rec('a', 1, 0.9, 0.6, 0.3),   # min 0.6 on half 0
+               rec('b', 0, 0.7, 0.7, 0.8), rec('b', 1, 0.7, 0.8, 0.8),   # min 0.7: chosen
+               {**rec('b', 0, 0.0, 0.0, 0.0), 'steps': 5}]               # an earlier step is ignored
+    sel = bx.select_on_half(records, ['a', 'b'])
+    assert sel['cell'] == 'b' and sel['scores'] == {'a': pytest.approx(0.6), 'b': pytest.approx(0.7)}
+    assert sel['keep_recall']['near'] == pytest.approx(0.8) and sel['reported_on'] == 'half1'
+
+
+def test_gpu_jobs_go_to_the_gpus_round_robin(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 3)
+    assert bx.devices_for('cuda', 5) == ['cuda:0', 'cuda:1', 'cuda:2', 'cuda:0', 'cuda:1']
+    assert bx.devices_for('cpu', 2) == ['cpu', 'cpu']

@@ -1,23 +1,37 @@
 """The CASS bias experiment on a trained detector, in one command (docs/cass_bias.md).
 
-    python tools/bias_experiment.py --profile cpu                    # 2 seeds, this 2-core machine, resumable
-    python tools/bias_experiment.py --profile gpu --amp              # 2 seeds on one GPU, runs in parallel
+    python tools/bias_experiment.py --profile cpu                    # 3 seeds on the 2-core machine, resumable
+    python tools/bias_experiment.py --profile cpu --seeds 0          # one seed (one session's worth)
+    python tools/bias_experiment.py --profile gpu --amp              # 3 seeds on the GPUs, parallel jobs
     python tools/bias_experiment.py --profile smoke --out /tmp/bias  # CPU, a few minutes, used by a test
 
-Every training run is `train.py` in a subprocess, as a user runs it (no second training loop):
-- stage 1, once per seed (or once, with seed `stage1_seed`, for every seed: the cpu profile, where a second
-  stage 1 does not fit the budget): the plain RT-DETRv2-R18 (encoder on P4 and P5, no DSET) trained on the
-  synthetic roadside set; its evaluations are the learning curve (AP50 against steps), recorded in the json;
-- stage 2, per cell and seed: DSET (keep 0.3 on P4 and P5, MoE, CASS) tuned from stage 1 (`-t`) for
-  `cass_normalization` in NORMALIZATIONS x `cass_expansion_ratio` in (0.8, 0.3), plus the seeds' scheme A
-  (patch, weight 0.01, r 0.3). Every cell of a seed starts from the same weights with the same `--seed`
-  (same new-parameter init and data order).
-A run whose `done.json` exists is skipped; one with a `last.pth` but no `done.json` is resumed (`-r`).
+Every training run is `train.py` in a subprocess, as a user runs it (no second training loop). Per seed:
+- stage 1: the plain RT-DETRv2-R18 (encoder on P4 and P5, no DSET) trained on the synthetic roadside set,
+  one stage 1 per seed (the seed spread includes the pretraining); its evaluations are the learning curve;
+- the strength scales: on stage-1 features (the DSET model of the seed, stage-1 weights, eval mode, the
+  first `strength_images` train images) the gradient norm CASS sends to the pruner scores, per cell; a
+  `matched` cell's weight is `weight * scale`, scale = norm of `patch` at the same r / norm of the cell, so
+  every matched mode starts with the gradient strength of `patch` (logged in the json as `strength`);
+- step 0: an evaluation of the DSET model before tuning, per r (the same weights for every DSET cell of a
+  seed: same stage 1, same seed, the normalisation has no parameters; r changes the target and oracle
+  figures only), recorded as step 0 of every DSET cell; the plain control's step 0 is stage 1's last
+  evaluation;
+- stage 2, per cell: tuned from stage 1 (`-t`) with an evaluation every `stage2_iters` steps (the time
+  course). Cells: the controls `plain_continue` (DSET off, same steps and lr) and `cass_w0` (DSET on, CASS
+  weight 0), `patch` r 0.8 / 0.3 as proposed, the strength-matched modes and the per-level mode; the
+  `extra_cells` (the same modes at their raw weight, "as proposed") run on `extra_seeds` for
+  `extra_stage2_epochs`.
+Resumable at two levels: a run whose `done.json` exists is skipped, one with a `last.pth` is resumed
+(`-r`); and a run whose records are already in --out/bias_experiment.json (same protocol) is not run again,
+so the seeds can be run in separate sessions (`--seeds 0`, then `--seeds 1`, ...) and the json collects
+them. Every record names the git commit it ran from.
 
-Output in --out (default docs/results/ for the cpu / gpu profiles): bias_experiment.json (one record per
-run), bias_experiment.md (mean +- std over seeds), bias_experiment.png (AP_large, keep-recall near / far
-per cell), masks/<cell>.png (kept patches of P4 and P5 on the same four val images). Work files (data,
-runs) go to --work (default output/bias_experiment/<profile>).
+Output in --out (default docs/results/): bias_experiment.json (one record per evaluation: cell, seed, steps,
+AP, keep-recall pooled / per level / per val half, target diagnostics; `strength`, `target_stats`,
+`commit`), bias_experiment.md (last step, mean +- std; paired differences against patch r0.8 with 95 %
+intervals; the mode chosen on val half 0 and reported on half 1), bias_experiment.png (per cell),
+bias_time_course.png (KR near / far against steps), masks/<cell>.png. Work files go to --work (default
+output/bias_experiment/<profile>).
 """
 from __future__ import annotations
 
@@ -32,62 +46,97 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-NORMALIZATIONS = ('patch', 'object', 'object_area', 'area_patch', 'object_balanced')
-RATIOS = (0.8, 0.3)
+if str(REPO) not in sys.path:   # `python tools/bias_experiment.py` from anywhere
+    sys.path.insert(0, str(REPO))
+
+from src.zoo.rtdetr.cass_targets import NORMALIZATIONS  # noqa: E402  (the one mode list)
+
+PROTOCOL_VERSION = 2     # 1: docs/results/v1 (one evaluation after 40 steps, shared stage 1, no controls)
 GROUPS = ('small', 'medium', 'large', 'far', 'near')
 LEVELS = ('P4', 'P5')
-RECORD_KEYS = (['cass_normalization', 'cass_expansion_ratio', 'cass_loss_weight', 'seed', 'profile', 'device',
-                'steps', 'AP', 'AP50', 'AP_small', 'AP_medium', 'AP_large']
-               + [f'keep_recall_{g}' for g in GROUPS]
-               + [f'keep_recall_{g}_{lv}' for lv in LEVELS for g in GROUPS] + ['centroid_dy'])
+HALVES = ('half0', 'half1')
+TARGET_KEYS = ('target_bottom_share', 'kept_bottom_share', 'bottom_keep_ratio', 'target_positive_share',
+               'keep_fraction')
+SHORT = {'patch': 'p', 'object': 'o', 'object_area': 'oa', 'area_patch': 'ap', 'object_balanced': 'ob'}
+BIAS_KEYS = ([f'keep_recall_{g}' for g in GROUPS] + [f'keep_recall_{g}_{lv}' for lv in LEVELS for g in GROUPS]
+             + [f'keep_recall_{g}_{h}' for h in HALVES for g in ('far', 'near', 'large', 'small')]
+             + list(TARGET_KEYS) + [f'{k}_{lv}' for lv in LEVELS for k in TARGET_KEYS]
+             + [f'oracle_keep_recall_{g}_{lv}' for lv in LEVELS for g in GROUPS] + ['centroid_dy'])
+RECORD_KEYS = (['cell', 'cass_normalization', 'cass_expansion_ratio', 'cass_loss_weight', 'seed', 'profile',
+                'device', 'steps', 'commit', 'AP', 'AP50', 'AP_small', 'AP_medium', 'AP_large'] + BIAS_KEYS)
+Normalization = Union[str, Tuple[str, ...]]
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One column of the grid: a CASS normalisation, context ratio r and loss weight."""
-    normalization: str
-    ratio: float
+    """One column of the grid. normalization: a mode or one mode per pruned level (P4, P5); weight: the
+    CASS weight (times the seed's strength scale when `matched`); dset False: the plain detector."""
+    normalization: Normalization = 'patch'
+    ratio: float = 0.8
     weight: float = 0.05
+    matched: bool = False
+    dset: bool = True
 
     @property
     def name(self) -> str:
-        return 'A_patch_r0.3_w0.01' if self.is_scheme_a else f'{self.normalization}_r{self.ratio}'
+        if not self.dset:
+            return 'plain_continue'
+        if self.weight == 0:
+            return 'cass_w0'
+        if isinstance(self.normalization, tuple):
+            mode = 'perlevel_' + '+'.join(SHORT[m] for m in self.normalization)
+        else:
+            mode = self.normalization
+        name = f'{mode}_r{self.ratio}'
+        if self.weight != 0.05:
+            name = f'A_{name}_w{self.weight}' if mode == 'patch' else f'{name}_w{self.weight}'
+        return name + ('_matched' if self.matched else '')
 
     @property
-    def is_scheme_a(self) -> bool:
-        return self.normalization == 'patch' and self.ratio == 0.3 and self.weight == 0.01
+    def reference(self) -> 'Cell':
+        """The cell whose initial CASS gradient a matched cell is scaled to: `patch` at the same r."""
+        return Cell('patch', self.ratio, self.weight)
 
 
-GRID = tuple(Cell(n, r) for n in NORMALIZATIONS for r in RATIOS) + (Cell('patch', 0.3, 0.01),)
+PLAIN = Cell(dset=False)
+CASS_W0 = Cell('patch', 0.8, 0.0)
+PERLEVEL = ('object_balanced', 'area_patch')     # P4, P5: the best P4 and P5 cells of the v1 grid
+HEADLINE = (PLAIN, CASS_W0, Cell('patch', 0.8), Cell('patch', 0.3), Cell('object_balanced', 0.3, matched=True),
+            Cell('area_patch', 0.3, matched=True), Cell(PERLEVEL, 0.3, matched=True))
+AS_PROPOSED = (Cell('object_balanced', 0.3), Cell('area_patch', 0.3), Cell(PERLEVEL, 0.3))
+REFERENCE = Cell('patch', 0.8)                   # the original CASS: paired differences are taken against it
 
 
 @dataclass(frozen=True)
 class Profile:
-    """Sizes of one profile. Steps = epochs x iters_per_epoch (max_iters_per_epoch caps each epoch)."""
+    """Sizes of one profile. A run's steps = epochs x iters (max_iters_per_epoch); one evaluation per epoch."""
     name: str
     num_train: int
     num_val: int
     image_wh: Sequence[int]          # generated image size (W, H); the input is the same size (no resize)
     batch: int
-    stage1_epochs: int               # one evaluation per epoch: the learning curve
+    stage1_epochs: int
     stage1_iters: int
-    stage2_epochs: int
+    stage2_epochs: int               # headline cells: stage2_epochs evaluations, every stage2_iters steps
     stage2_iters: int
-    pruning_warmup_epochs: int       # dset.token_pruning_warmup_epochs of stage 2
+    extra_stage2_epochs: int         # extra (as proposed) cells
+    pruning_warmup_epochs: int       # dset.token_pruning_warmup_epochs of stage 2 (0: prune from step 1)
     jobs: int                        # train.py processes at once
     device: str
-    seeds: Sequence[int] = (0, 1)
-    cells: Sequence[Cell] = GRID
+    seeds: Sequence[int] = (0, 1, 2)
+    extra_seeds: Sequence[int] = (0, 1)
+    cells: Sequence[Cell] = HEADLINE
+    extra_cells: Sequence[Cell] = AS_PROPOSED
     model_overrides: Dict = field(default_factory=dict)   # extra config (e.g. smaller model for smoke)
     lr: float = 2e-4
-    threads: int = 0                 # torch threads per process (0: torch's default)
+    threads: int = 0                 # torch threads per process (0: cores / jobs)
     loader_workers: int = 0          # dataloader worker processes per train.py
-    stage1_seed: Optional[int] = None  # None: one stage 1 per seed; N: every seed tunes from stage 1 of seed N
+    strength_images: int = 32        # train images the strength scales are measured on
 
 
 _TINY_MODEL = {
@@ -96,24 +145,46 @@ _TINY_MODEL = {
                             'num_denoising': 10, 'dim_feedforward': 128, 'nhead': 4, 'num_layers': 2},
     'RTDETRPostProcessor': {'num_top_queries': 20},
 }
-# Measured on the quiet 2-core machine (2026-12-02): the stage-1 detector (encoder on P4 and P5) at 512x288
-# batch 4 takes about 4 s a step. cpu: 600 stage-1 steps (~45 min with evaluations) + per seed 11 cells x 40
-# steps (~40 min); a stage 1 per seed would make 2 seeds 3.3 h, so both seeds tune from stage 1 of seed 0
-# (as every user tunes from the one COCO checkpoint): about 2.1 h. gpu: 8 processes on one GPU, a stage 1
-# per seed.
+# Measured on the quiet 2-core machine (2026-12-02): 512x288 batch 4 about 3.5 s a stage-1 step and 4.5 s a
+# stage-2 step, an evaluation of 240 val images 40-60 s. cpu, per seed: stage 1 600 steps (~38 min), 7
+# headline cells x 100 steps with evaluations at 0 / 50 / 100 (~70 min), on seeds 0 and 1 also 3 extra cells
+# x 50 steps (~13 min): about 2 h a seed, 6 h for the grid. gpu: 8 processes, GPUs round-robin.
 PROFILES = {
     'smoke': Profile('smoke', num_train=8, num_val=4, image_wh=(160, 96), batch=2, stage1_epochs=1,
-                     stage1_iters=2, stage2_epochs=1, stage2_iters=2, pruning_warmup_epochs=0, jobs=1,
-                     device='cpu', seeds=(0,), cells=(Cell('patch', 0.8), Cell('object_balanced', 0.3),
-                                                       Cell('patch', 0.3, 0.01)),
-                     model_overrides=_TINY_MODEL, threads=2),
+                     stage1_iters=2, stage2_epochs=2, stage2_iters=1, extra_stage2_epochs=1,
+                     pruning_warmup_epochs=0, jobs=1, device='cpu', seeds=(0,), extra_seeds=(0,),
+                     cells=(PLAIN, CASS_W0, Cell('patch', 0.8), Cell(PERLEVEL, 0.3, matched=True)),
+                     extra_cells=(Cell('patch', 0.3, 0.01),), model_overrides=_TINY_MODEL, threads=2,
+                     strength_images=4),
     'cpu': Profile('cpu', num_train=3000, num_val=240, image_wh=(512, 288), batch=4, stage1_epochs=6,
-                   stage1_iters=100, stage2_epochs=1, stage2_iters=40, pruning_warmup_epochs=0, jobs=1,
-                   device='cpu', stage1_seed=0),
-    'gpu': Profile('gpu', num_train=6000, num_val=400, image_wh=(640, 352), batch=16, stage1_epochs=8,
-                   stage1_iters=250, stage2_epochs=3, stage2_iters=100, pruning_warmup_epochs=1, jobs=8,
-                   device='cuda', lr=4e-4, loader_workers=2),
+                   stage1_iters=100, stage2_epochs=2, stage2_iters=50, extra_stage2_epochs=1,
+                   pruning_warmup_epochs=0, jobs=1, device='cpu'),
+    'gpu': Profile('gpu', num_train=6000, num_val=400, image_wh=(640, 352), batch=16, stage1_epochs=4,
+                   stage1_iters=250, stage2_epochs=4, stage2_iters=50, extra_stage2_epochs=2,
+                   pruning_warmup_epochs=0, jobs=8, device='cuda', lr=4e-4, loader_workers=2, seeds=(0, 1, 2),
+                   extra_seeds=(0, 1, 2)),
 }
+
+
+def protocol_of(profile: Profile) -> dict:
+    """What makes records comparable: the profile without seeds, jobs, threads and workers."""
+    skip = {'seeds', 'extra_seeds', 'jobs', 'threads', 'loader_workers', 'device'}
+    out = {k: v for k, v in asdict(profile).items() if k not in skip}
+    out['cells'] = [c.name for c in profile.cells]
+    out['extra_cells'] = [c.name for c in profile.extra_cells]
+    return json.loads(json.dumps(out | {'version': PROTOCOL_VERSION}))
+
+
+def git_commit() -> str:
+    """HEAD of the repository the tool runs from, '+dirty' when tracked files differ from it."""
+    try:
+        head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return 'unknown'
+    return head + ('+dirty' if dirty else '')
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -143,15 +214,18 @@ def _loader(data_dir: Path, split: str, batch: int, workers: int) -> dict:
             'collate_fn': {'type': 'BatchImageCollateFunction', 'scales': None, 'stop_epoch': None}}
 
 
-def run_config(profile: Profile, data_dir: Path, out_dir: Path, cell: Optional[Cell]) -> dict:
-    """The config of a stage-1 (cell None) or stage-2 run, including the repository's real configs."""
+def run_config(profile: Profile, data_dir: Path, out_dir: Path, cell: Optional[Cell], epochs: int = 0,
+               weight: Optional[float] = None) -> dict:
+    """The config of a stage-1 run (cell None) or of a cell's stage-2 run, including the repository's
+    configs. weight: the CASS weight to use (a matched cell's scaled weight); default the cell's."""
     hw = [profile.image_wh[1], profile.image_wh[0]]
     stage2 = cell is not None
+    dset = stage2 and cell.dset
     cfg = {
-        '__include__': [str(REPO / 'configs' / ('dset4_r18_synth_cpu.yaml' if stage2 else 'rtdetrv2_r18vd_coco.yaml'))],
+        '__include__': [str(REPO / 'configs' / ('dset4_r18_synth_cpu.yaml' if dset else 'rtdetrv2_r18vd_coco.yaml'))],
         'num_classes': 5,
         'output_dir': str(out_dir),
-        'epochs': profile.stage2_epochs if stage2 else profile.stage1_epochs,
+        'epochs': epochs or (profile.stage2_epochs if stage2 else profile.stage1_epochs),
         'max_iters_per_epoch': profile.stage2_iters if stage2 else profile.stage1_iters,
         'print_freq': 20,
         'input_size': list(hw),  # both Resize ops and eval_spatial_size
@@ -171,17 +245,20 @@ def run_config(profile: Profile, data_dir: Path, out_dir: Path, cell: Optional[C
     }
     for key, value in profile.model_overrides.items():
         cfg[key] = {**cfg.get(key, {}), **value}
-    if stage2:
+    if dset:
+        norm = list(cell.normalization) if isinstance(cell.normalization, tuple) else cell.normalization
         cfg['dset'] = {'keep_ratio': 0.3, 'token_pruning_warmup_epochs': profile.pruning_warmup_epochs,
-                       'cass_normalization': cell.normalization, 'cass_expansion_ratio': cell.ratio,
-                       'cass_loss_weight': cell.weight, 'vis_interval': 0}
+                       'cass_normalization': norm, 'cass_expansion_ratio': cell.ratio,
+                       'cass_loss_weight': float(cell.weight if weight is None else weight), 'vis_interval': 0}
     return cfg
 
 
 # ------------------------------------------------------------------------------------------------ runs
 def train_once(cfg: dict, run_dir: Path, seed: int, device: str, amp: bool, threads: int,
-               tune_from: Optional[Path] = None, log=print) -> dict:
-    """Run train.py for one run unless `done.json` says it finished; returns done.json's content."""
+               tune_from: Optional[Path] = None, test_only: bool = False, log=print) -> dict:
+    """Run train.py for one run unless `done.json` says it finished; returns done.json's content.
+
+    test_only: one evaluation of the tuned weights (`-t tune_from --test-only`, eval/test.json)."""
     done = run_dir / 'done.json'
     if done.is_file():
         log(f'[bias] {run_dir.name}: done, skipped')
@@ -190,7 +267,9 @@ def train_once(cfg: dict, run_dir: Path, seed: int, device: str, amp: bool, thre
     (run_dir / 'config.yaml').write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = [sys.executable, str(REPO / 'train.py'), '-c', str(run_dir / 'config.yaml'), '--seed', str(seed),
            '--device', device]
-    if (run_dir / 'last.pth').is_file():
+    if test_only:
+        cmd += ['-t', str(tune_from), '--test-only']
+    elif (run_dir / 'last.pth').is_file():
         cmd += ['-r', str(run_dir / 'last.pth')]
     else:
         cmd.append('--overwrite')  # a run that never wrote last.pth starts over (stale logs of a crash go)
@@ -201,6 +280,9 @@ def train_once(cfg: dict, run_dir: Path, seed: int, device: str, amp: bool, thre
     env = {**os.environ, 'PYTHONPATH': str(REPO) + os.pathsep + os.environ.get('PYTHONPATH', '')}
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if device.startswith('cuda:'):   # one GPU per job: the process sees only its own
+        env['CUDA_VISIBLE_DEVICES'] = device.split(':', 1)[1]
+        cmd[cmd.index('--device') + 1] = 'cuda'
     start = time.time()
     log(f'[bias] {run_dir.name}: ' + ' '.join(cmd[1:]))
     with open(run_dir / 'train.log', 'a') as out:
@@ -208,37 +290,42 @@ def train_once(cfg: dict, run_dir: Path, seed: int, device: str, amp: bool, thre
     if proc.returncode != 0:
         tail = (run_dir / 'train.log').read_text()[-3000:]
         raise RuntimeError(f'{run_dir.name}: train.py exited with {proc.returncode}; log {run_dir}/train.log:\n{tail}')
-    info = {'wall_s': round(time.time() - start, 1), 'epochs': cfg['epochs'],
-            'steps': cfg['epochs'] * cfg['max_iters_per_epoch']}
+    info = {'wall_s': round(time.time() - start, 1), 'epochs': 0 if test_only else cfg['epochs'],
+            'steps': 0 if test_only else cfg['epochs'] * cfg['max_iters_per_epoch']}
     done.write_text(json.dumps(info))
     log(f'[bias] {run_dir.name}: finished in {info["wall_s"]:.0f} s')
     return info
 
 
+def evaluations(run_dir: Path, iters_per_epoch: int) -> List[Tuple[int, dict]]:
+    """[(steps, eval stats)] of every evaluation of a run, in order: eval/<epoch>.json at (epoch + 1) x
+    iters steps; eval/test.json (a --test-only run) at step 0."""
+    out = []
+    for path in (run_dir / 'eval').glob('*.json'):
+        if path.stem.isdigit():
+            out.append(((int(path.stem) + 1) * iters_per_epoch, json.loads(path.read_text())))
+        elif path.stem == 'test':
+            out.append((0, json.loads(path.read_text())))
+    return sorted(out, key=lambda x: x[0])
+
+
 def learning_curve(run_dir: Path, iters_per_epoch: int) -> List[dict]:
-    """[{'steps', 'AP', 'AP50'}] of every evaluation of a run (eval/<epoch>.json)."""
-    curve = []
-    for path in sorted((run_dir / 'eval').glob('*.json'), key=lambda p: int(p.stem) if p.stem.isdigit() else -1):
-        if not path.stem.isdigit():
-            continue
-        stats = json.loads(path.read_text())
-        curve.append({'steps': (int(path.stem) + 1) * iters_per_epoch, 'AP': stats['AP'], 'AP50': stats['AP50']})
-    return curve
+    """[{'steps', 'AP', 'AP50'}] of every evaluation of a run."""
+    return [{'steps': steps, 'AP': s['AP'], 'AP50': s['AP50']} for steps, s in evaluations(run_dir, iters_per_epoch)]
 
 
-def run_record(run_dir: Path, cell: Cell, seed: int, profile: Profile, device: str, steps: int) -> dict:
-    """One record of bias_experiment.json from the run's last evaluation."""
-    evals = [p for p in (run_dir / 'eval').glob('*.json') if p.stem.isdigit()]
-    if not evals:
-        raise RuntimeError(f'{run_dir}: no eval/<epoch>.json; the run did not evaluate')
-    stats = json.loads(max(evals, key=lambda p: int(p.stem)).read_text())
+def eval_record(stats: dict, cell: Cell, seed: int, profile: Profile, device: str, steps: int, commit: str,
+                weight: float) -> dict:
+    """One record of bias_experiment.json from one evaluation's stats."""
     bias = stats.get('dset_bias') or {}
-    record = {'cass_normalization': cell.normalization, 'cass_expansion_ratio': cell.ratio,
-              'cass_loss_weight': cell.weight, 'seed': seed, 'profile': profile.name, 'device': device,
-              'steps': steps, 'cell': cell.name}
+    norm = list(cell.normalization) if isinstance(cell.normalization, tuple) else cell.normalization
+    record = {'cell': cell.name, 'cass_normalization': norm if cell.dset else None,
+              'cass_expansion_ratio': cell.ratio if cell.dset else None,
+              'cass_loss_weight': weight if cell.dset else None, 'seed': seed, 'profile': profile.name,
+              'device': device, 'steps': steps, 'commit': commit}
     for key in ('AP', 'AP50', 'AP_small', 'AP_medium', 'AP_large'):
         record[key] = stats.get(key)
-    for key in RECORD_KEYS[12:]:
+    for key in BIAS_KEYS:
         record[key] = bias.get(key)
     # an undefined AP (no box of that size in val) is NaN in the eval json: None here (valid JSON)
     record.update({k: None for k, v in record.items() if isinstance(v, float) and math.isnan(v)})
@@ -247,8 +334,128 @@ def run_record(run_dir: Path, cell: Cell, seed: int, profile: Profile, device: s
     return record
 
 
+# ------------------------------------------------------------------------------------------------ strength
+def measure_strength(profile: Profile, data_dir: Path, stage1_ckpt: Path, seed: int, cells: Sequence[Cell],
+                     work: Path) -> Dict[str, dict]:
+    """Per DSET cell: the gradient norm CASS sends to the pruner scores on stage-1 features, and its scale.
+
+    The DSET model of the seed (seeded as train.py seeds it, stage-1 weights loaded as `-t` loads them) in
+    eval mode runs the first `strength_images` train images (val transforms, no augmentation); every cell's
+    CASS loss (weight 1) is evaluated on the same patch logits, its gradient norm on the logits averaged
+    over the batches. scale = norm of the reference (`patch` at the same r) / norm of the cell; the weight
+    a matched cell uses is its weight x scale. Returns {cell name: {'grad_norm', 'reference', 'scale'}} for
+    the cells and their references.
+    """
+    import torch
+
+    from src.core.config import YAMLConfig
+    from src.data.coco_dataset import CocoDetection
+    from src.data.transforms import Compose, ConvertPILImage, Resize
+    from src.misc.rng import seed_everything
+    from src.zoo.rtdetr import cass
+    from src.zoo.rtdetr import dset_losses as dl
+    from src.zoo.rtdetr.weights import load_pretrained
+
+    dset_cells = [c for c in cells if c.dset]
+    needed = list(dict.fromkeys([*dset_cells, *(c.reference for c in dset_cells)]))
+    cfg_dir = work / f'strength_seed{seed}'
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    settings = {}
+    for cell in needed:
+        path = cfg_dir / f'{cell.name}.yaml'
+        path.write_text(yaml.safe_dump(run_config(profile, data_dir, cfg_dir, cell, weight=1.0), sort_keys=False))
+        settings[cell] = YAMLConfig(str(path)).dset
+    seed_everything(seed)
+    first = YAMLConfig(str(cfg_dir / f'{needed[0].name}.yaml'))
+    model = first.model
+    load_pretrained(model, str(stage1_ckpt), trusted=False)
+    model.eval()
+    hw = first.yaml_cfg['eval_spatial_size']
+    dataset = CocoDetection(img_folder=str(data_dir / 'images' / 'train'),
+                            ann_file=str(data_dir / 'annotations' / 'instances_train.json'),
+                            transforms=Compose([Resize(size=list(hw)), ConvertPILImage()]))
+    norms: Dict[Cell, List[float]] = {c: [] for c in needed}
+    n = min(profile.strength_images, len(dataset))
+    for start in range(0, n, profile.batch):
+        samples = [dataset[i] for i in range(start, min(n, start + profile.batch))]
+        images = torch.stack([s[0] for s in samples])
+        gt = [s[1]['boxes'].as_subclass(torch.Tensor).reshape(-1, 4).double() for s in samples]
+        with torch.no_grad():
+            infos = model(images)['dset_prune_info']
+        logits = [info['patch_importance_scores'].double() for info in infos]
+        shapes = [info['feat_shape'] for info in infos]
+        for cell in needed:
+            d = settings[cell]
+            norm = cass.cass_score_gradient_norm(logits, gt, shapes, tuple(images.shape[-2:]), d['patch_size'],
+                                                 dl.cass_level_configs(d, len(infos)))
+            norms[cell].append(float(norm))
+    mean = {c: statistics.mean(v) for c, v in norms.items()}
+    return {c.name: {'grad_norm': mean[c], 'reference': c.reference.name,
+                     'scale': strength_scale(mean[c.reference], mean[c])} for c in needed}
+
+
+def strength_scale(reference_norm: float, cell_norm: float) -> float:
+    """The factor that gives a cell the reference's initial gradient norm: reference / cell (1 if either is
+    0: a cell without gradient cannot be matched, and a weight-0 cell stays at 0)."""
+    if reference_norm <= 0 or cell_norm <= 0:
+        return 1.0
+    return reference_norm / cell_norm
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def paired_difference(values: Sequence[float], reference: Sequence[float]) -> Optional[dict]:
+    """Mean of the per-seed differences values - reference with a two-sided 95 % t interval.
+
+    values and reference are paired by position (the same seed). Returns {'mean', 'low', 'high', 'n'}, or
+    None without a pair; with one pair the interval is not defined (low = high = None)."""
+    diffs = [a - b for a, b in zip(values, reference) if a is not None and b is not None]
+    if not diffs:
+        return None
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return {'mean': mean, 'low': None, 'high': None, 'n': 1}
+    t = T_975.get(len(diffs) - 1, 1.96)
+    half = t * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return {'mean': mean, 'low': mean - half, 'high': mean + half, 'n': len(diffs)}
+
+
+def last_records(records: List[dict]) -> Dict[Tuple[str, int], dict]:
+    """{(cell, seed): the record of the run's last evaluation}."""
+    out: Dict[Tuple[str, int], dict] = {}
+    for r in records:
+        key = (r['cell'], r['seed'])
+        if key not in out or r['steps'] > out[key]['steps']:
+            out[key] = r
+    return out
+
+
+def select_on_half(records: List[dict], candidates: Sequence[str], select_half: str = 'half0',
+                   report_half: str = 'half1') -> Optional[dict]:
+    """The candidate cell with the highest min(KR near, KR far) on `select_half` (mean over its seeds at
+    the last step), and its figures on `report_half`, where it was not chosen."""
+    last = last_records(records)
+    scores = {}
+    for name in candidates:
+        rows = [r for (c, _), r in last.items() if c == name]
+        vals = [min(r[f'keep_recall_near_{select_half}'], r[f'keep_recall_far_{select_half}']) for r in rows
+                if r.get(f'keep_recall_near_{select_half}') is not None]
+        if vals:
+            scores[name] = statistics.mean(vals)
+    if not scores:
+        return None
+    best = max(scores, key=scores.get)
+    rows = [r for (c, _), r in last.items() if c == best]
+    report = {g: statistics.mean(r[f'keep_recall_{g}_{report_half}'] for r in rows)
+              for g in ('near', 'far', 'large', 'small')}
+    return {'cell': best, 'criterion': f'min(KR near, KR far) on {select_half}', 'scores': scores,
+            'reported_on': report_half, 'keep_recall': report, 'seeds': len(rows)}
+
+
 # ------------------------------------------------------------------------------------------------ reports
-def _mean_std(values: List[float]) -> str:
+def _mean_std(values: List[Optional[float]]) -> str:
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
         return '-'
@@ -258,40 +465,139 @@ def _mean_std(values: List[float]) -> str:
 
 
 TABLE_COLUMNS = (['AP', 'AP50', 'AP_small', 'AP_large'] + [f'keep_recall_{g}' for g in GROUPS]
-                 + [f'keep_recall_{g}_{lv}' for lv in LEVELS for g in ('far', 'near')] + ['centroid_dy'])
+                 + [f'keep_recall_{g}_{lv}' for lv in LEVELS for g in ('far', 'near')] + ['bottom_keep_ratio'])
+DIFF_COLUMNS = ('AP', 'AP_large', 'keep_recall_near', 'keep_recall_far', 'keep_recall_large',
+                'keep_recall_small', 'bottom_keep_ratio')
 
 
-def markdown_table(records: List[dict], cells: Sequence[Cell]) -> str:
-    """One row per cell, mean ± sample std over seeds of TABLE_COLUMNS."""
-    head = '| cell | seeds | ' + ' | '.join(c.replace('keep_recall_', 'KR ') for c in TABLE_COLUMNS) + ' |'
-    lines = [head, '|---|---:|' + '---:|' * len(TABLE_COLUMNS)]
-    for cell in cells:
-        rows = [r for r in records if r['cell'] == cell.name]
-        lines.append(f'| {cell.name} | {len(rows)} | '
-                     + ' | '.join(_mean_std([r[c] for r in rows]) for c in TABLE_COLUMNS) + ' |')
+def _label(column: str) -> str:
+    return column.replace('keep_recall_', 'KR ').replace('bottom_keep_ratio', 'bottom kept / target')
+
+
+def markdown_table(records: List[dict], cells: Sequence[str]) -> str:
+    """One row per cell at its last step: mean ± sample std over seeds of TABLE_COLUMNS."""
+    last = last_records(records)
+    head = '| cell | seeds | steps | ' + ' | '.join(_label(c) for c in TABLE_COLUMNS) + ' |'
+    lines = [head, '|---|---:|---:|' + '---:|' * len(TABLE_COLUMNS)]
+    for name in cells:
+        rows = [r for (c, _), r in sorted(last.items()) if c == name]
+        if rows:
+            steps = '/'.join(sorted({str(r['steps']) for r in rows}))
+            lines.append(f'| {name} | {len(rows)} | {steps} | '
+                         + ' | '.join(_mean_std([r.get(c) for r in rows]) for c in TABLE_COLUMNS) + ' |')
     return '\n'.join(lines) + '\n'
 
 
-def plot_cells(records: List[dict], cells: Sequence[Cell], path: Path) -> None:
-    """Bars per cell (mean over seeds, std as error bar): AP_large, keep-recall near and far."""
+def difference_table(records: List[dict], cells: Sequence[str], reference: str = REFERENCE.name) -> str:
+    """Paired per-seed differences against `reference` at the last step: mean [95 % interval] (n seeds)."""
+    last = last_records(records)
+    ref = {s: r for (c, s), r in last.items() if c == reference}
+    lines = ['| cell - ' + reference + ' | seeds | ' + ' | '.join(_label(c) for c in DIFF_COLUMNS) + ' |',
+             '|---|---:|' + '---:|' * len(DIFF_COLUMNS)]
+    for name in cells:
+        if name == reference:
+            continue
+        rows = {s: r for (c, s), r in last.items() if c == name and s in ref}
+        if not rows:
+            continue
+        cols = []
+        for col in DIFF_COLUMNS:
+            d = paired_difference([rows[s].get(col) for s in sorted(rows)], [ref[s].get(col) for s in sorted(rows)])
+            if d is None:
+                cols.append('-')
+            elif d['low'] is None:
+                cols.append(f"{d['mean']:+.3f}")
+            else:
+                mark = ' *' if d['low'] > 0 or d['high'] < 0 else ''
+                cols.append(f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]{mark}")
+        lines.append(f'| {name} | {len(rows)} | ' + ' | '.join(cols) + ' |')
+    return '\n'.join(lines) + '\n\n(* the 95 % interval excludes 0)\n'
+
+
+def time_course_table(records: List[dict], cells: Sequence[str]) -> str:
+    """KR near / far and AP against steps, mean over seeds."""
+    steps = sorted({r['steps'] for r in records if r['cell'] in cells})
+    lines = ['| cell | ' + ' | '.join(f'{s}' for s in steps) + ' |', '|---|' + '---:|' * len(steps)]
+    for name in cells:
+        cols = []
+        for s in steps:
+            rows = [r for r in records if r['cell'] == name and r['steps'] == s]
+            if not rows:
+                cols.append('')
+                continue
+            near = statistics.mean(r['keep_recall_near'] for r in rows) if rows[0].get('keep_recall_near') is not None else None
+            far = statistics.mean(r['keep_recall_far'] for r in rows) if rows[0].get('keep_recall_far') is not None else None
+            ap = statistics.mean(r['AP'] for r in rows)
+            cols.append(f'AP {ap:.3f}' + ('' if near is None else f', near {near:.3f}, far {far:.3f}'))
+        if any(cols):
+            lines.append(f'| {name} | ' + ' | '.join(cols) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+def target_stats(records: List[dict]) -> Dict[str, dict]:
+    """Per r and level: the target's bottom-half share, positive share against the keep budget, and the
+    oracle keep-recall (top-K of the target), from the step-0 records (they depend on r and val only)."""
+    out = {}
+    for r in sorted(records, key=lambda r: r['steps']):
+        ratio = r.get('cass_expansion_ratio')
+        if ratio is None or f'r{ratio}' in out or r.get('target_bottom_share_P4') is None:
+            continue
+        out[f'r{ratio}'] = {lv: {'target_bottom_share': r[f'target_bottom_share_{lv}'],
+                                 'target_positive_share': r[f'target_positive_share_{lv}'],
+                                 'keep_fraction': r[f'keep_fraction_{lv}'],
+                                 **{f'oracle_keep_recall_{g}': r[f'oracle_keep_recall_{g}_{lv}'] for g in GROUPS}}
+                            for lv in LEVELS}
+    return out
+
+
+def plot_cells(records: List[dict], cells: Sequence[str], path: Path) -> None:
+    """Bars per cell at the last step (mean over seeds, std as error bar): AP_large, KR near and far."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     import numpy as np
 
+    last = last_records(records)
     keys = ('AP_large', 'keep_recall_near', 'keep_recall_far')
     x = np.arange(len(cells))
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(cells) + 2), 4))
     for k, key in enumerate(keys):
-        vals = [[r[key] for r in records if r['cell'] == c.name and r[key] is not None] for c in cells]
+        vals = [[r[key] for (c, _), r in last.items() if c == name and r.get(key) is not None] for name in cells]
         mean = [statistics.mean(v) if v else 0.0 for v in vals]
         std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
         ax.bar(x + (k - 1) * 0.27, mean, 0.27, yerr=std, label=key, capsize=2)
     ax.set_xticks(x)
-    ax.set_xticklabels([c.name for c in cells], rotation=35, ha='right', fontsize=8)
+    ax.set_xticklabels(cells, rotation=35, ha='right', fontsize=8)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    ax.set_title('CASS bias experiment (mean ± std over seeds)')
+    ax.set_title('CASS bias experiment, last step (mean ± std over seeds)')
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_time_course(records: List[dict], cells: Sequence[str], path: Path) -> None:
+    """KR near (solid) and far (dashed) against steps, one colour per DSET cell, mean over seeds."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, name in enumerate(cells):
+        rows = [r for r in records if r['cell'] == name and r.get('keep_recall_near') is not None]
+        steps = sorted({r['steps'] for r in rows})
+        if not steps:
+            continue
+        colour = f'C{i % 10}'
+        for key, style in (('keep_recall_near', '-'), ('keep_recall_far', '--')):
+            ys = [statistics.mean(r[key] for r in rows if r['steps'] == s) for s in steps]
+            ax.plot(steps, ys, style, color=colour, marker='o', ms=3,
+                    label=name if key == 'keep_recall_near' else None)
+    ax.set_xlabel('stage-2 steps')
+    ax.set_ylabel('keep-recall (solid near, dashed far)')
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title('Time course (mean over seeds)')
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -339,62 +645,167 @@ def mask_picture(run_dir: Path, data_dir: Path, path: Path, num_images: int = 4)
 
 
 # ------------------------------------------------------------------------------------------------ main
-def stage1_seed_of(profile: Profile, seed: int) -> int:
-    """The seed of the stage-1 run whose weights the stage-2 cells of `seed` start from."""
-    return seed if profile.stage1_seed is None else profile.stage1_seed
+def load_previous(out: Path, protocol: dict) -> dict:
+    """The results json in `out` when it holds this protocol's records (to extend); {} when there is none.
+    A json of another protocol is an error: its records are not comparable with this one's."""
+    path = out / 'bias_experiment.json'
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    if old.get('protocol') != protocol:
+        raise ValueError(f'{path} holds records of another protocol (version {old.get("protocol", {}).get("version", 1)}, '
+                         f'this is version {PROTOCOL_VERSION} with profile {protocol.get("name")!r}); they cannot be '
+                         f'merged. Pass another --out, or move the old file away to start over')
+    return old
 
 
-def stage1_seeds(profile: Profile) -> List[int]:
-    """The stage-1 runs a profile needs, in order."""
-    return list(dict.fromkeys(stage1_seed_of(profile, s) for s in profile.seeds))
+def plan(profile: Profile) -> List[Tuple[int, Cell, int]]:
+    """(seed, cell, epochs) of every stage-2 run: the headline cells on `seeds`, the extras on `extra_seeds`."""
+    jobs = [(s, c, profile.stage2_epochs) for s in profile.seeds for c in profile.cells]
+    jobs += [(s, c, profile.extra_stage2_epochs) for s in profile.extra_seeds for c in profile.extra_cells
+             if (s, c) not in {(j[0], j[1]) for j in jobs}]
+    return jobs
 
 
-def run(profile: Profile, out: Path, work: Path, device: str, amp: bool, log=print) -> dict:
-    """The whole experiment; returns the json written to out/bias_experiment.json."""
+def devices_for(device: str, jobs: int) -> List[str]:
+    """One device per parallel job: CUDA GPUs round-robin ('cuda:0', 'cuda:1', ...), else `device`."""
+    if device == 'cuda':
+        import torch
+        count = torch.cuda.device_count()
+        if count > 1:
+            return [f'cuda:{i % count}' for i in range(max(1, jobs))]
+    return [device] * max(1, jobs)
+
+
+def run(profile: Profile, out: Path, work: Path, device: str, amp: bool, log=print,
+        full: Optional[Profile] = None) -> dict:
+    """The experiment (or the part of it not yet in out/bias_experiment.json); returns the json.
+
+    full: the whole profile when `profile` is restricted to some seeds (the json says what is missing)."""
+    import threading
+    from queue import Queue
+
+    protocol = protocol_of(profile)
+    previous = load_previous(out, protocol)
+    records: List[dict] = list(previous.get('records', []))
+    strength: Dict[str, dict] = dict(previous.get('strength', {}))
+    curves: Dict[str, list] = dict(previous.get('stage1_learning_curve', {}))
+    commit = git_commit()
+    lock = threading.Lock()
     data_dir = ensure_data(profile, work / 'data', log)
     runs = work / 'runs'
-    stage1 = {}
+    out.mkdir(parents=True, exist_ok=True)
+    threads = profile.threads or max(1, (os.cpu_count() or 1) // max(1, profile.jobs))
+    free = Queue()
+    for d in devices_for(device, profile.jobs):
+        free.put(d)
+
+    def recorded(seed: int, cell: Cell, steps: int) -> bool:
+        return any(r['cell'] == cell.name and r['seed'] == seed and r['steps'] == steps for r in records)
+
+    todo = [(s, c, e) for s, c, e in plan(profile) if not recorded(s, c, e * profile.stage2_iters)]
+    seeds = list(dict.fromkeys(s for s, _, _ in todo))
+
+    def add(new: List[dict]):
+        with lock:
+            keys = {(r['cell'], r['seed'], r['steps']) for r in new}
+            records[:] = [r for r in records if (r['cell'], r['seed'], r['steps']) not in keys] + new
+            write_results(full or profile, out, device, amp, commit, records, strength, curves, log)
+
+    def _train(cfg, run_dir, seed, **kw):
+        dev = free.get()
+        try:
+            return train_once(cfg, run_dir, seed, dev, amp, threads, log=log, **kw)
+        finally:
+            free.put(dev)
 
     def _stage1(seed):
         run_dir = runs / f'stage1_seed{seed}'
-        info = train_once(run_config(profile, data_dir, run_dir, None), run_dir, seed, device, amp,
-                          profile.threads, log=log)
-        return seed, run_dir, info
-
-    def _stage2(job):
-        seed, cell = job
-        run_dir = runs / f'{cell.name}_seed{seed}'
-        info = train_once(run_config(profile, data_dir, run_dir, cell), run_dir, seed, device, amp,
-                          profile.threads, tune_from=stage1[stage1_seed_of(profile, seed)] / 'last.pth', log=log)
-        return seed, cell, run_dir, info
+        _train(run_config(profile, data_dir, run_dir, None), run_dir, seed)
+        with lock:
+            curves[str(seed)] = learning_curve(run_dir, profile.stage1_iters)
+        return run_dir / 'last.pth'
 
     with ThreadPoolExecutor(max(1, profile.jobs)) as pool:
-        for seed, run_dir, _ in pool.map(_stage1, stage1_seeds(profile)):
-            stage1[seed] = run_dir
-        jobs = [(seed, cell) for seed in profile.seeds for cell in profile.cells]
-        finished = list(pool.map(_stage2, jobs))
-    records = [run_record(run_dir, cell, seed, profile, device, info['steps'])
-               | {'stage1_seed': stage1_seed_of(profile, seed)}
-               for seed, cell, run_dir, info in finished]
-    curves = {str(seed): learning_curve(run_dir, profile.stage1_iters) for seed, run_dir in stage1.items()}
-    result = {'profile': asdict(profile) | {'cells': [asdict(c) for c in profile.cells]},
-              'device': device, 'amp': amp, 'date': time.strftime('%Y-%m-%d'),
-              'command': 'python tools/bias_experiment.py ' + ' '.join(sys.argv[1:]),
-              'stage1_learning_curve': curves,
-              'stage1_reached_AP50_0.5': {s: any(p['AP50'] >= 0.5 for p in c) for s, c in curves.items()},
-              'records': records}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / 'bias_experiment.json').write_text(json.dumps(result, indent=1, default=float))
-    shared = ('' if profile.stage1_seed is None
-              else f' (stage 2 of every seed tuned from stage 1 of seed {profile.stage1_seed})')
-    (out / 'bias_experiment.md').write_text(
-        f"Profile `{profile.name}`, device {device}, {len(profile.seeds)} seed(s){shared}; "
-        f"`{result['command']}`; {result['date']}.\n\n" + markdown_table(records, profile.cells))
-    plot_cells(records, profile.cells, out / 'bias_experiment.png')
+        stage1 = dict(zip(seeds, pool.map(_stage1, seeds)))
+        for seed in seeds:   # strength scales (in-process, cheap) and the step-0 evaluation
+            if str(seed) not in strength:
+                log(f'[bias] seed {seed}: measuring the CASS gradient strength of every cell on stage-1 features')
+                strength[str(seed)] = measure_strength(profile, data_dir, stage1[seed], seed,
+                                                       [c for s, c, _ in plan(profile) if s == seed], work)
+        weights = {(s, c.name): c.weight * (strength[str(s)][c.name]['scale'] if c.matched else 1.0)
+                   for s, c, _ in plan(profile) if c.dset}
+
+        def _step0(job):
+            seed, ratio = job   # the keep decisions do not depend on r, the target and oracle figures do
+            run_dir = runs / f'dset_step0_r{ratio}_seed{seed}'
+            _train(run_config(profile, data_dir, run_dir, Cell('patch', ratio)), run_dir, seed,
+                   tune_from=stage1[seed], test_only=True)
+            (_, stats), = evaluations(run_dir, profile.stage2_iters)
+            new = [eval_record(stats, c, seed, profile, device, 0, commit, weights[(seed, c.name)])
+                   | {'step0_shared': True} for s, c, _ in todo if s == seed and c.dset and c.ratio == ratio]
+            if ratio == min(ratios):   # the plain control's step 0: stage 1's last evaluation
+                plain_steps, plain_stats = evaluations(runs / f'stage1_seed{seed}', profile.stage1_iters)[-1]
+                new += [eval_record(plain_stats, c, seed, profile, device, 0, commit, 0.0)
+                        | {'stage1_steps': plain_steps} for s, c, _ in todo if s == seed and not c.dset]
+            add(new)
+
+        ratios = sorted({c.ratio for _, c, _ in todo if c.dset} or {REFERENCE.ratio})
+        list(pool.map(_step0, [(s, r) for s in seeds for r in ratios]))
+
+        def _stage2(job):
+            seed, cell, epochs = job
+            run_dir = runs / f'{cell.name}_seed{seed}'
+            weight = weights.get((seed, cell.name), 0.0)
+            _train(run_config(profile, data_dir, run_dir, cell, epochs=epochs, weight=weight if cell.dset else None),
+                   run_dir, seed, tune_from=stage1[seed])
+            add([eval_record(stats, cell, seed, profile, device, steps, commit, weight)
+                 for steps, stats in evaluations(run_dir, profile.stage2_iters) if steps > 0])
+
+        list(pool.map(_stage2, todo))
+    result = write_results(full or profile, out, device, amp, commit, records, strength, curves, log)
     (out / 'masks').mkdir(exist_ok=True)
+    first = profile.seeds[0]
     for cell in profile.cells:
-        mask_picture(runs / f'{cell.name}_seed{profile.seeds[0]}', data_dir, out / 'masks' / f'{cell.name}.png')
-    log(f'[bias] wrote {out}/bias_experiment.{{json,md,png}} and {out}/masks/')
+        run_dir = runs / f'{cell.name}_seed{first}'
+        if cell.dset and (run_dir / 'last.pth').is_file():
+            mask_picture(run_dir, data_dir, out / 'masks' / f'{cell.name}.png')
+    log(f'[bias] wrote {out}/bias_experiment.{{json,md,png}}, bias_time_course.png and masks/')
+    return result
+
+
+def write_results(profile: Profile, out: Path, device: str, amp: bool, commit: str, records: List[dict],
+                  strength: dict, curves: dict, log=print) -> dict:
+    """bias_experiment.json / .md / .png and bias_time_course.png from the records so far."""
+    cells = [c.name for c in profile.cells] + [c.name for c in profile.extra_cells if c not in profile.cells]
+    records = sorted(records, key=lambda r: (cells.index(r['cell']) if r['cell'] in cells else 99, r['seed'],
+                                             r['steps']))
+    candidates = [c.name for c in (*profile.cells, *profile.extra_cells) if c.dset and c.weight > 0]
+    planned = {(c.name, s) for s, c, _ in plan(profile)}
+    finished = {(r['cell'], r['seed']) for r in records if r['steps'] > 0}
+    result = {'protocol': protocol_of(profile), 'device': device, 'amp': amp, 'date': time.strftime('%Y-%m-%d'),
+              'commit': commit, 'commits': sorted({r['commit'] for r in records}),
+              'command': 'python tools/bias_experiment.py ' + ' '.join(sys.argv[1:]),
+              'complete': planned <= finished,
+              'missing_runs': sorted(f'{c}_seed{s}' for c, s in planned - finished),
+              'stage1_learning_curve': curves, 'strength': strength, 'target_stats': target_stats(records),
+              'selection': select_on_half(records, candidates), 'records': records}
+    (out / 'bias_experiment.json').write_text(json.dumps(result, indent=1, default=float))
+    state = ('complete' if result['complete'] else
+             f"PARTIAL: {len(finished & planned)} of {len(planned)} runs, missing {', '.join(result['missing_runs'])}")
+    sel = result['selection']
+    chosen = ('' if sel is None else
+              f"\n\nChosen on val half 0 by {sel['criterion']}: `{sel['cell']}`; on val half 1 (not used to "
+              f"choose): " + ', '.join(f'KR {g} {v:.3f}' for g, v in sel['keep_recall'].items()) + '.\n')
+    (out / 'bias_experiment.md').write_text(
+        f"Profile `{profile.name}`, device {device}, commit(s) {', '.join(result['commits'])}; "
+        f"`{result['command']}`; {result['date']}; {state}.\n\n## Last step, mean ± std over seeds\n\n"
+        + markdown_table(records, cells)
+        + f"\n## Paired per-seed differences against {REFERENCE.name}, mean [95 % t interval]\n\n"
+        + difference_table(records, cells) + "\n## Time course (mean over seeds)\n\n"
+        + time_course_table(records, cells) + chosen)
+    plot_cells(records, cells, out / 'bias_experiment.png')
+    plot_time_course(records, [c for c in cells if c != PLAIN.name], out / 'bias_time_course.png')
     return result
 
 
@@ -404,11 +815,10 @@ def parse_args(argv=None):
     p.add_argument('--out', default=None, help='results folder (default docs/results; smoke needs --out)')
     p.add_argument('--work', default=None, help='data and run folders (default output/bias_experiment/PROFILE)')
     p.add_argument('--device', default=None, help="default: the profile's (cpu, or cuda for gpu)")
-    p.add_argument('--amp', action='store_true', help='pass --use-amp to train.py (float16 autocast + GradScaler)')
-    p.add_argument('--seeds', type=int, nargs='+', default=None, help="override the profile's seeds")
+    p.add_argument('--amp', action='store_true', help='pass --use-amp to train.py (autocast + GradScaler)')
+    p.add_argument('--seeds', type=int, nargs='+', default=None,
+                   help="run only these seeds of the profile (headline and extra cells); the json collects them")
     p.add_argument('--jobs', type=int, default=None, help="train.py processes at once (default: the profile's)")
-    p.add_argument('--stage1-per-seed', action='store_true',
-                   help='one stage 1 per seed even where the profile shares the stage 1 of one seed (cpu)')
     return p.parse_args(argv)
 
 
@@ -416,17 +826,26 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     profile = PROFILES[args.profile]
     if args.seeds:
-        profile = replace(profile, seeds=tuple(args.seeds))
+        unknown = sorted(set(args.seeds) - set(profile.seeds) - set(profile.extra_seeds))
+        if unknown:
+            print(f'bias_experiment: --seeds {unknown} are not seeds of the {profile.name} profile '
+                  f'({sorted(set(profile.seeds) | set(profile.extra_seeds))})', file=sys.stderr)
+            return 2
+        profile = replace(profile, seeds=tuple(s for s in profile.seeds if s in args.seeds),
+                          extra_seeds=tuple(s for s in profile.extra_seeds if s in args.seeds))
     if args.jobs:
         profile = replace(profile, jobs=args.jobs)
-    if args.stage1_per_seed:
-        profile = replace(profile, stage1_seed=None)
     if args.out is None and profile.name == 'smoke':
         print('bias_experiment: the smoke profile must not write to docs/results; pass --out DIR', file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else REPO / 'docs' / 'results'
     work = Path(args.work) if args.work else REPO / 'output' / 'bias_experiment' / profile.name
-    run(profile, out, work, args.device or profile.device, args.amp)
+    try:
+        run(profile, out, work, args.device or profile.device, args.amp, full=replace(PROFILES[args.profile],
+                                                                                     jobs=profile.jobs))
+    except ValueError as e:
+        print(f'bias_experiment: {e}', file=sys.stderr)
+        return 2
     return 0
 
 

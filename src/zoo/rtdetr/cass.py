@@ -8,7 +8,8 @@ This module re-exports them, so `from src.zoo.rtdetr import cass; cass.cass_loss
 """
 from src.zoo.rtdetr.cass_losses import (LossPolynomial, cass_loss, cass_loss_area_patch, cass_loss_levels,  # noqa: F401
                                         cass_loss_object, cass_loss_object_area, cass_loss_object_balanced,
-                                        cass_loss_patch, loss_polynomial, per_object_loss_sums,
+                                        cass_loss_patch, cass_score_gradient_norm, loss_polynomial,
+                                        per_object_loss_sums,
                                         per_object_mean_loss, per_patch_loss, spatial_smoothness)
 from src.zoo.rtdetr.cass_metrics import (LEVEL_SEP, bias_tag, cass_spatial_stats,  # noqa: F401
                                          finalize_keep_bias, keep_bias_stats, keep_count, level_name,

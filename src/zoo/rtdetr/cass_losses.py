@@ -201,14 +201,33 @@ def cass_loss(logits, gt_bboxes, feat_shape, img_shape, patch_size, cfg, *, mask
 def cass_loss_levels(logits_per_level, gt_bboxes, feat_shapes, img_shape, patch_size, cfg) -> Tensor:
     """Several pruned levels: the equal-weight mean of `cass_loss` over levels.
 
-    logits_per_level: list of L tensors [B, P_l]; feat_shapes: list of L (h_l, w_l). Each level builds its
-    own masks from the same pixel boxes. The mean (not the sum) keeps the loss scale independent of how
-    many levels are pruned. (A loop over the 1-3 levels, not over boxes.)
+    logits_per_level: list of L tensors [B, P_l]; feat_shapes: list of L (h_l, w_l); cfg: one CASSConfig
+    for every level, or a list of L (one normalisation per level, `dset.cass_normalization: [a, b]`). Each
+    level builds its own masks from the same pixel boxes. The mean (not the sum) keeps the loss scale
+    independent of how many levels are pruned. (A loop over the 1-3 levels, not over boxes.)
     """
     if len(logits_per_level) != len(feat_shapes) or not feat_shapes:
         raise ValueError(f"cass_loss_levels: {len(logits_per_level)} logit tensors for {len(feat_shapes)} "
                          f"feature shapes; pass one (h, w) per pruned level")
-    losses = [cass_loss(z, gt_bboxes, shape, img_shape, patch_size, cfg)
-              for z, shape in zip(logits_per_level, feat_shapes)]
+    cfgs = list(cfg) if isinstance(cfg, (list, tuple)) else [cfg] * len(feat_shapes)
+    if len(cfgs) != len(feat_shapes):
+        raise ValueError(f"cass_loss_levels: {len(cfgs)} CASS configs for {len(feat_shapes)} pruned levels; "
+                         f"pass one config, or one per level")
+    losses = [cass_loss(z, gt_bboxes, shape, img_shape, patch_size, c)
+              for z, shape, c in zip(logits_per_level, feat_shapes, cfgs)]
     return torch.stack(losses).mean()
 
+
+def cass_score_gradient_norm(logits_per_level, gt_bboxes, feat_shapes, img_shape, patch_size, cfg) -> Tensor:
+    """|| d cass_loss_levels / d z ||_2: the size of the gradient CASS sends to the pruner's scores.
+
+    The logits are detached first, so this is the loss's own gradient on the scores z (every level's
+    [B, P_l] logits together), whatever produced them. Arguments as `cass_loss_levels`; returns a 0-d
+    tensor. Used to compare the strength of the normalisations at the same `cass_loss_weight`
+    (tools/bias_experiment.py, docs/cass_bias.md).
+    """
+    with torch.enable_grad():
+        zs = [z.detach().requires_grad_(True) for z in logits_per_level]
+        loss = cass_loss_levels(zs, gt_bboxes, feat_shapes, img_shape, patch_size, cfg)
+        grads = torch.autograd.grad(loss, zs, allow_unused=True)
+    return torch.sqrt(sum((g * g).sum() for g in grads if g is not None) + zs[0].new_zeros(()))

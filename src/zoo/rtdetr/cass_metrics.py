@@ -85,7 +85,12 @@ def keep_bias_stats(logits, gt_bboxes, feat_shape, img_shape, patch_size, keep_r
       'centroid_q_x_sum', 'centroid_q_y_sum'            sum of the q-weighted patch-centre centroid
       'centroid_target_x_sum', 'centroid_target_y_sum'  sum of the Y-weighted centroid
       'centroid_images_count'                           number of such images
-    Centroids are in normalised image coordinates (x / W, y / H of patch centres).
+      'target_bottom_share_sum'   sum of (target mass on bottom-half patches / target mass)
+      'kept_bottom_share_sum'     sum of (kept top-K patches in the bottom half / K)
+      'target_positive_share_sum' sum of (patches with Y > 0 / P)
+    and once per call 'keep_fraction_sum' (K / P times the number of such images). A patch is in the bottom
+    half when its centre y >= H / 2. Centroids are in normalised image coordinates (x / W, y / H of patch
+    centres).
     K = keep_count(P, keep_ratio, min_patches).
     level: None, or a level name (e.g. `level_name(feat_shape, img_shape)` = 'P4'): every key is then also
     returned as '<level>/<key>', so that summing the stats of several levels pools the plain keys and keeps
@@ -118,6 +123,12 @@ def keep_bias_stats(logits, gt_bboxes, feat_shape, img_shape, patch_size, keep_r
         stats[f'centroid_{name}_x_sum'] = ((weights @ cx) / mass * has_box).sum()
         stats[f'centroid_{name}_y_sum'] = ((weights @ cy) / mass * has_box).sum()
     stats['centroid_images_count'] = has_box.sum()
+    bottom = (cy >= 0.5).to(z.dtype)
+    kept = top_k_mask(z, k).to(z.dtype)
+    stats['target_bottom_share_sum'] = ((target @ bottom) / target.sum(1).clamp(min=_EPS) * has_box).sum()
+    stats['kept_bottom_share_sum'] = ((kept @ bottom) / k * has_box).sum()
+    stats['target_positive_share_sum'] = ((target > 0).to(z.dtype).mean(1) * has_box).sum()
+    stats['keep_fraction_sum'] = has_box.sum() * (k / z.shape[1])
     if level is not None:
         stats.update({f'{level}{LEVEL_SEP}{key}': value for key, value in list(stats.items())})
     return stats
@@ -146,7 +157,11 @@ def finalize_keep_bias(sums: dict) -> dict:
 
     Returns keep_recall_{small,medium,large,far,near}, oracle_keep_recall_{...}, centroid_dx, centroid_dy
     (centroid of q minus centroid of Y, normalised image coordinates; dy < 0 = the scores sit higher than
-    the target), plus the counts num_boxes_{...}, num_boxes_without_core, num_images_centroid. A ratio over
+    the target), the target diagnostics over images with a box: target_bottom_share (share of the target
+    mass in the bottom half), kept_bottom_share (share of the kept patches in the bottom half),
+    bottom_keep_ratio = kept_bottom_share / target_bottom_share (< 1: the pruner keeps less of the near,
+    bottom half than the target asks for; the headline drift figure), target_positive_share (patches with
+    Y > 0) against keep_fraction (K / P, the keep budget), plus the counts num_boxes_{...}, num_boxes_without_core, num_images_centroid. A ratio over
     an empty group is 0.0 (its count says so). Sums made with `keep_bias_stats(..., level=L)` also give
     every one of these per level, as '<key>_<L>' (e.g. keep_recall_near_P5, centroid_dy_P4).
     """
@@ -172,6 +187,10 @@ def _finalize_pooled(sums: dict) -> dict:
     for axis in ('x', 'y'):
         diff = value[f'centroid_q_{axis}_sum'] - value[f'centroid_target_{axis}_sum']
         out[f'centroid_d{axis}'] = diff / images if images > 0 else 0.0
+    for name in ('target_bottom_share', 'kept_bottom_share', 'target_positive_share', 'keep_fraction'):
+        out[name] = value[f'{name}_sum'] / images if images > 0 else 0.0
+    out['bottom_keep_ratio'] = (out['kept_bottom_share'] / out['target_bottom_share']
+                                if out['target_bottom_share'] > 0 else 0.0)
     out['num_boxes_without_core'] = value['boxes_without_core_count']
     out['num_images_centroid'] = images
     return out

@@ -5,7 +5,7 @@ DSET is on when the section is present and ``enabled`` is true. Keys not listed 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 from src.core.registry import register_section
 from src.zoo.rtdetr.cass import NORMALIZATIONS
@@ -24,7 +24,15 @@ def _choice(*values):
     return (lambda v: v in values), "one of " + ", ".join(values)
 
 
-_norm_check, _norm_rule = _choice(*NORMALIZATIONS)
+_norm_rule = ("one of " + ", ".join(NORMALIZATIONS) + ", or a list with one of them per pruned level "
+              "(HybridEncoder.use_encoder_idx order, e.g. [object_balanced, area_patch] for P4, P5)")
+
+
+def _norm_check(value) -> bool:
+    if isinstance(value, str):
+        return value in NORMALIZATIONS
+    return isinstance(value, list) and len(value) >= 1 and all(isinstance(v, str) and v in NORMALIZATIONS
+                                                               for v in value)
 _decay_check, _decay_rule = _choice("gaussian", "linear")
 _loss_check, _loss_rule = _choice("mse", "focal", "vfl")
 _nonneg = (lambda v: v >= 0, ">= 0")
@@ -52,7 +60,8 @@ DSET_KEYS: Dict[str, Key] = {
     "cass_loss_type": Key("focal", str, _loss_check, _loss_rule, "per-patch loss"),
     "cass_focal_alpha": Key(2.0, (int, float), *_nonneg, "focal alpha"),
     "cass_focal_beta": Key(4.0, (int, float), *_nonneg, "focal beta"),
-    "cass_normalization": Key("patch", str, _norm_check, _norm_rule, "how the CASS loss is normalised"),
+    "cass_normalization": Key("patch", (str, list), _norm_check, _norm_rule,
+                              "how the CASS loss is normalised (one mode, or one per pruned level)"),
     "cass_bg_weight": Key(1.0, (int, float), *_nonneg, "background term weight (area_patch, object_balanced)"),
     "cass_spatial_reg": Key(0.0, (int, float), *_nonneg, "spatial smoothness weight"),
     "num_experts": Key(4, int, *_nonneg, "decoder FFN experts; 0 = dense FFN"),
@@ -106,6 +115,18 @@ def validate_dset(section: dict | None, where: str | Callable[[str | None], str]
     if not out["enabled"]:
         return None
     return out
+
+
+def level_normalizations(value, num_levels: int) -> List[str]:
+    """`dset.cass_normalization` as one mode per pruned level: a single mode is used on every level, a list
+    must have exactly `num_levels` entries (HybridEncoder.use_encoder_idx order). Raises ValueError."""
+    if isinstance(value, str):
+        return [value] * num_levels
+    if len(value) != num_levels:
+        raise ValueError(f"dset.cass_normalization = {value!r} has {len(value)} entries but the encoder prunes "
+                         f"{num_levels} level(s) (HybridEncoder.use_encoder_idx): give one mode per pruned level "
+                         f"or a single mode for all")
+    return list(value)
 
 
 register_section("dset", validate_dset, "DSET settings (pruner, MoE, CASS); see docs/dset.md")

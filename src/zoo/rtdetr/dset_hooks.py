@@ -34,7 +34,8 @@ def cass_mask_figure(image: Tensor, gt_xyxy: Tensor, info: dict, dset: dict, tit
     k = dset["patch_size"]
     grid = cass.patch_grid((h, w), k)
     patch_px = (k * H / h, k * W / w)
-    target = cass.generate_soft_target_mask([gt_xyxy], (h, w), (H, W), k, dl.cass_config_from_dset(dset))[0]
+    # the soft target does not depend on the normalisation (one mode or a per-level list): any mode gives it
+    target = cass.generate_soft_target_mask([gt_xyxy], (h, w), (H, W), k, dl.cass_config_from_dset(dset, "patch"))[0]
     q = info["patch_importance_scores"][0].detach().float().sigmoid()
     kept = patch_rects(info["kept_patch_idx"][0].cpu(), grid, patch_px, (H, W))
     fig = mask_panels_figure(image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy(), gt_xyxy.cpu(),
@@ -103,13 +104,21 @@ class DSETHook(TrainHook):
         infos = outputs.get("dset_prune_info") or []
         if not infos:
             return sums
-        gt = dl.targets_to_abs_xyxy(targets, images.shape[-2:])
-        cfg = dl.cass_config_from_dset(self.dset)
-        for info in infos:
-            stats = cass.keep_bias_stats(info["patch_importance_scores"], gt, info["feat_shape"], images.shape[-2:],
-                                         self.dset["patch_size"], self.dset["keep_ratio"], cfg,
-                                         min_patches=self.dset["min_patches"],
-                                         level=cass.level_name(info["feat_shape"], images.shape[-2:]))
+        img_shape = images.shape[-2:]
+        gt = dl.targets_to_abs_xyxy(targets, img_shape)
+        # val halves by image id parity (plain ints, no device sync): a mode chosen on half0 is reported on half1
+        halves = [[i for i, t in enumerate(targets) if int(t["image_id"]) % 2 == h] for h in (0, 1)]
+        for cfg, info in zip(dl.cass_level_configs(self.dset, len(infos)), infos):
+            logits = info["patch_importance_scores"]
+            args = (info["feat_shape"], img_shape, self.dset["patch_size"], self.dset["keep_ratio"], cfg)
+            stats = cass.keep_bias_stats(logits, gt, *args, min_patches=self.dset["min_patches"],
+                                         level=cass.level_name(info["feat_shape"], img_shape))
+            for h, rows in enumerate(halves):
+                if rows:
+                    tag = f"half{h}"
+                    half = cass.keep_bias_stats(logits[rows], [gt[i] for i in rows], *args,
+                                                min_patches=self.dset["min_patches"], level=tag)
+                    stats.update({k: v for k, v in half.items() if k.startswith(tag + cass.LEVEL_SEP)})
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0) + v.detach().double()
         return sums

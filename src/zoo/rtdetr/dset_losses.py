@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from src.zoo.rtdetr import cass
 from src.zoo.rtdetr.box_ops import box_cxcywh_to_xyxy
+from src.zoo.rtdetr.dset_config import level_normalizations
 from src.zoo.rtdetr.moe import MoEFFN
 
 
@@ -35,20 +36,33 @@ def cass_weight(dset: dict, epoch: int) -> float:
     return dset["cass_loss_weight"] * factor
 
 
-def cass_config_from_dset(dset: dict) -> cass.CASSConfig:
+def cass_config_from_dset(dset: dict, normalization: str | None = None) -> cass.CASSConfig:
+    """The CASSConfig of the dset settings; `normalization` gives the mode of one level (needed when
+    `dset.cass_normalization` is a per-level list; the soft target itself does not depend on the mode)."""
+    mode = dset["cass_normalization"] if normalization is None else normalization
+    if not isinstance(mode, str):
+        raise ValueError(f"cass_config_from_dset: dset.cass_normalization = {mode!r} is per level; pass the "
+                         f"level's mode (cass_level_configs)")
     return cass.CASSConfig(
         expansion_ratio=float(dset["cass_expansion_ratio"]), min_size=float(dset["cass_min_size"]),
         decay_type=dset["cass_decay_type"], use_subpixel_offset=dset["use_subpixel_offset"],
         loss_type=dset["cass_loss_type"], focal_alpha=float(dset["cass_focal_alpha"]),
-        focal_beta=float(dset["cass_focal_beta"]), normalization=dset["cass_normalization"],
+        focal_beta=float(dset["cass_focal_beta"]), normalization=mode,
         bg_weight=float(dset["cass_bg_weight"]), spatial_reg=float(dset["cass_spatial_reg"]))
 
 
+def cass_level_configs(dset: dict, num_levels: int) -> List[cass.CASSConfig]:
+    """One CASSConfig per pruned level (`dset.cass_normalization`: one mode for all, or one per level)."""
+    return [cass_config_from_dset(dset, mode)
+            for mode in level_normalizations(dset["cass_normalization"], num_levels)]
+
+
 def compute_cass(prune_infos: List[dict], gt_xyxy: List[Tensor], img_shape, dset: dict) -> Tensor:
-    """Mean over pruned levels of the CASS loss on each level's patch logits (unweighted)."""
+    """Mean over pruned levels of the CASS loss on each level's patch logits (unweighted), each level with
+    its own normalisation."""
     return cass.cass_loss_levels([info["patch_importance_scores"] for info in prune_infos], gt_xyxy,
                                  [info["feat_shape"] for info in prune_infos], img_shape, dset["patch_size"],
-                                 cass_config_from_dset(dset))
+                                 cass_level_configs(dset, len(prune_infos)))
 
 
 def moe_balance_losses(model: nn.Module) -> Dict[str, Tensor]:
@@ -98,10 +112,9 @@ def cass_diagnostics(outputs: dict, targets: List[dict], img_shape, dset: dict) 
     infos = outputs.get("dset_prune_info") or []
     if not infos:
         return {}
-    cfg = cass_config_from_dset(dset)
     gt = targets_to_abs_xyxy(targets, img_shape)
     acc: Dict[str, List[Tensor]] = {}
-    for info in infos:
+    for cfg, info in zip(cass_level_configs(dset, len(infos)), infos):
         stats = cass.cass_spatial_stats(info["patch_importance_scores"].detach(), gt, info["feat_shape"],
                                         img_shape, dset["patch_size"], cfg)
         for k, v in stats.items():

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.core.registry import register
-from src.zoo.rtdetr.dset_config import PRUNER_KEYS
+from src.zoo.rtdetr.dset_config import PRUNER_KEYS, level_normalizations
 from src.zoo.rtdetr.moe import replace_ffn_with_moe
 from src.zoo.rtdetr.patch_level_pruning import PatchLevelPruner
 from src.nn.backbone.common import ConvNormLayer, get_activation
@@ -226,7 +226,8 @@ class HybridEncoder(nn.Module):
             if kwargs["input_dim"] != hidden_dim:
                 raise ValueError(f"dset.input_dim = {kwargs['input_dim']} must equal HybridEncoder.hidden_dim "
                                  f"= {hidden_dim} (or be null)")
-            self.pruners = nn.ModuleList(PatchLevelPruner(**kwargs) for _ in self.use_encoder_idx)
+            modes = level_normalizations(dset["cass_normalization"], len(self.use_encoder_idx))
+            self.pruners = nn.ModuleList(PatchLevelPruner(**{**kwargs, "cass_normalization": mode}) for mode in modes)
             if dset["encoder_moe_num_experts"] > 0:
                 for enc in self.encoder:
                     for layer in enc.layers:
