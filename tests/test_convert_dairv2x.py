@@ -227,3 +227,27 @@ def test_cli_prints_the_summary(dair_root, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "[train] images=3 annotations=9 (+3 iscrowd)" in printed
     assert "UNKNOWN types skipped: {'Spaceship': 1}" in printed
+
+
+def test_test_split_without_downloaded_frames_advises_splits_train_val_first(tmp_path):
+    from src.data.dairv2x import DairConversionError
+
+    root = _synthetic_root(tmp_path / "dair", cameras=("c",), frames_per_camera=4)
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["000000", "000001"], "val": ["000002"], "test": ["900000", "900001"]}))
+    with pytest.raises(DairConversionError) as e:
+        convert_dairv2x(str(root), str(tmp_path / "out"), split_json=str(split))
+    message = str(e.value)
+    assert "test frames are not part of your download" in message
+    assert message.index("--splits train val") < message.index("--root")
+
+
+def test_split_file_whose_splits_share_ids_is_refused(tmp_path):
+    from src.data.dairv2x import DairConversionError
+
+    root = _synthetic_root(tmp_path / "dair", cameras=("c",), frames_per_camera=4)
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["000000", "000001", "000002"], "val": ["000002", "000003"]}))
+    with pytest.raises(DairConversionError, match=r"splits 'train' and 'val' share 1 frame id\(s\) \(e\.g\. 000002\)"):
+        convert_dairv2x(str(root), str(tmp_path / "out"), split_json=str(split))
+    assert not (tmp_path / "out").exists()

@@ -170,7 +170,7 @@ def test_missing_area_in_training_and_evaluation_is_the_clipped_box_area(tmp_pat
     ann = write_json(tmp_path / "a.json", [{"id": 1, "file_name": "001.png", "width": 64, "height": 48}], anns)
     ds = CocoDetection(str(tmp_path), ann)
     assert ds.load_target(0)["area"].tolist() == [112.0, 7.0]
-    gt = coco_gt_for_eval(json.loads(open(ann).read()))
+    gt, _ = coco_gt_for_eval(json.loads(open(ann).read()))
     assert [a["area"] for a in gt["annotations"]] == [112.0, 7.0]
     assert [(a["id"], a["source_id"]) for a in gt["annotations"]] == [(1, 0), (2, 1)]
 

@@ -1,6 +1,7 @@
 """End to end: train.py on a tiny synthetic roadside set writes TensorBoard, checkpoints and an eval json;
 --test-only on the checkpoint reproduces the AP (issues 'pipeline' and 'DSET model')."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,3 +70,65 @@ def test_test_only_on_the_checkpoint_reproduces_the_ap(tiny_run, tmp_path):
     for key in ("AP", "AP50", "AP75"):
         assert again[key] == pytest.approx(first[key], abs=1e-9)
     assert again["dset_bias"]["keep_recall_small"] == pytest.approx(first["dset_bias"]["keep_recall_small"])
+
+
+def _permuted_val_json(cfg_path, tmp_path):
+    """The val json with its category ids permuted (names kept): (path, {original id: new id})."""
+    import yaml
+    ann = yaml.safe_load(open(cfg_path))["val_dataloader"]["dataset"]["ann_file"]
+    coco = json.loads(open(ann).read())
+    ids = sorted(c["id"] for c in coco["categories"])
+    perm = dict(zip(ids, [100 + i for i in reversed(range(len(ids)))]))
+    for c in coco["categories"]:
+        c["id"] = perm[c["id"]]
+    for a in coco["annotations"]:
+        a["category_id"] = perm[a["category_id"]]
+    path = tmp_path / "val_permuted.json"
+    path.write_text(json.dumps(coco))
+    return path, perm, ann
+
+
+def test_checkpoint_classes_label_a_permuted_val_json_in_test_only_and_infer(tiny_run, tmp_path):
+    """The checkpoint stores the training classes; --test-only and tools/infer.py on a val json whose
+    category ids are permuted score and name every class by name, not by id or position."""
+    from tools import infer
+
+    cfg, out, _ = tiny_run
+    ckpt = torch.load(out / "last.pth", weights_only=True)
+    train_ann = json.loads(open(json.loads(json.dumps(ckpt["config"]))["train_dataloader"]["dataset"]["ann_file"]).read())
+    cats = sorted(train_ann["categories"], key=lambda c: c["id"])
+    assert ckpt["classes"] == [{"label": i, "name": c["name"], "category_id": c["id"]} for i, c in enumerate(cats)]
+    permuted, perm, val_ann = _permuted_val_json(cfg, tmp_path)
+    proc = run_train(["-c", str(cfg), "-r", str(out / "last.pth"), "--test-only", "--output-dir", str(tmp_path / "t"),
+                      "-u", f"val_dataloader.dataset.ann_file={permuted}"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((tmp_path / "t" / "eval" / "test.json").read_text())
+    first = json.loads((out / "eval" / "0.json").read_text())
+    assert again["categories"] == [{"label": i, "name": c["name"], "category_id": perm[c["id"]]}
+                                   for i, c in enumerate(cats)]
+    for key in ("AP", "AP50", "AP75"):
+        assert again[key] == pytest.approx(first[key], abs=1e-9)
+    by_name = {row["name"]: (row["AP"], row["AP50"], row["num_gt"]) for row in first["per_class"]}
+    assert {row["name"]: (row["AP"], row["AP50"], row["num_gt"]) for row in again["per_class"]} == by_name
+    # infer: the same detections, category ids of the json it is given, names from the checkpoint
+    images = json.loads(open(val_ann).read())["images"]
+    img_dir = Path(val_ann).parent.parent / "images" / "val"
+    runs = {}
+    for tag, ann in (("orig", val_ann), ("perm", permuted)):
+        args = infer.parse_args(["-c", str(cfg), "-r", str(out / "last.pth"), "--input", str(img_dir), "--out",
+                                 str(tmp_path / tag), "--score", "0.0", "-u", f"val_dataloader.dataset.ann_file={ann}"])
+        runs[tag] = infer.run(args)["detections"]
+    assert runs["orig"] and len(runs["orig"]) == len(runs["perm"]) and images
+    assert [perm[d["category_id"]] for d in runs["orig"]] == [d["category_id"] for d in runs["perm"]]
+
+
+def test_onnx_export_stores_the_checkpoint_classes_in_its_metadata(tiny_run, tmp_path):
+    import onnx
+
+    from tools import export_onnx
+
+    cfg, out, _ = tiny_run
+    path = tmp_path / "model.onnx"
+    assert export_onnx.main(["-c", str(cfg), "-r", str(out / "last.pth"), "--out", str(path)]) == 0
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(meta["classes"]) == torch.load(out / "last.pth", weights_only=True)["classes"]

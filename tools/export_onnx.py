@@ -65,6 +65,19 @@ def export(deploy: DeployModel, out: str, hw: tuple) -> None:
                           dynamic_axes=dynamic, opset_version=OPSET, do_constant_folding=True, dynamo=False)
 
 
+def write_class_metadata(path: str, classes) -> None:
+    """Store the training classes in the ONNX file's metadata (key 'classes': json [{label, name,
+    category_id}]), so a deployment names the labels as training did."""
+    import json
+
+    import onnx
+
+    model = onnx.load(path)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "classes", json.dumps(classes.to_records())
+    onnx.save(model, path)
+
+
 def check(deploy: DeployModel, path: str, hw: tuple, batch: int = 2, seed: int = 0) -> dict:
     """Run the ONNX file in onnxruntime (CPU) and PyTorch on the same random input.
 
@@ -96,6 +109,11 @@ def main(argv=None) -> int:
     n_moe = set_dense_moe_dispatch(model)
     deploy = DeployModel(model, post).eval()
     export(deploy, args.out, hw)
+    if cfg.checkpoint_classes is not None:
+        write_class_metadata(args.out, cfg.checkpoint_classes)
+    else:
+        print("note: no class list in the checkpoint (random weights or an older run): the ONNX file names no "
+              "classes", file=sys.stderr)
     print(f"wrote {args.out}: opset {OPSET}, images [N, 3, {hw[0]}, {hw[1]}] (N dynamic), orig_target_sizes "
           f"[N, 2] (w, h) -> labels, boxes, scores [N, {post.num_top_queries}]")
     for line in pruning_summary(model):

@@ -15,8 +15,9 @@ Writes into --out:
   ``images.json``       [{id, file_name, width, height}]: the image ids used. An image whose file name is in
                         the config's val annotation file gets that file's id (so detections.json can be
                         evaluated against it); otherwise ids count 1, 2, ... in sorted file-name order.
-Class names and category ids come from the val annotation file when it exists, else ``class <label>`` and
-category_id = label (a warning says so).
+Class names come from the checkpoint's training class list; category ids are the val annotation file's,
+matched by name, when it exists (else the training ids). A checkpoint without a class list falls back to the
+val file's categories in id order, else ``class <label>`` and category_id = label (a warning says so).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from src.data.classes import match_classes
 from src.data.coco_dataset import load_coco_json
 from src.misc.visualize import detection_figure, patch_rects
 from src.zoo.rtdetr.deploy import load_detector
@@ -109,20 +111,34 @@ def kept_patch_rects(info: dict, padded_hw, resized_wh, orig_wh, patch_size: int
     return rects * torch.tensor([sx, sy, sx, sy])
 
 
-def categories(cfg) -> Tuple[List[str], List[int], dict]:
-    """(class names, category id per label, file_name -> image id) from the val annotation file, if any."""
+def categories(cfg, classes=None) -> Tuple[List[str], List[int], dict]:
+    """(class name per label, category id per label, file_name -> image id).
+
+    Names come from the checkpoint's training classes (`classes`); category ids are those of the val
+    annotation file when it exists, matched by name (a training class it lacks keeps its training id), else
+    the training ids. Without stored classes (random weights, an older checkpoint) the val file's categories
+    in id order are assumed, with a warning."""
     ann = ((cfg.get("val_dataloader") or {}).get("dataset") or {}).get("ann_file")
     num_classes = int(cfg.get("num_classes") or 0)
-    if ann and os.path.isfile(ann):
-        coco = load_coco_json(ann)
+    coco = load_coco_json(ann) if ann and os.path.isfile(ann) else None
+    known = {img["file_name"]: img["id"] for img in coco["images"]} if coco else {}
+    if classes is not None:
+        ids = list(classes.category_ids)
+        if coco:
+            for label, cid in match_classes(classes, coco["categories"], where=ann).label_to_category_id.items():
+                ids[label] = cid
+        extra = range(len(ids), max(num_classes, len(ids)))
+        return list(classes.names) + [f"class {i}" for i in extra], ids + list(extra), known
+    if coco:
+        print(f"warning: the checkpoint stores no class list; class names and ids are taken from {ann} in id order",
+              file=sys.stderr)
         cats = sorted(coco["categories"], key=lambda c: c["id"])
         names = [str(c.get("name", c["id"])) for c in cats]
         ids = [int(c["id"]) for c in cats]
         extra = range(len(ids), max(num_classes, len(ids)))
-        return names + [f"class {i}" for i in extra], ids + list(extra), \
-            {img["file_name"]: img["id"] for img in coco["images"]}
-    print(f"warning: no val annotation file ({ann}); class names are 'class <label>' and category_id = label",
-          file=sys.stderr)
+        return names + [f"class {i}" for i in extra], ids + list(extra), known
+    print(f"warning: no class list in the checkpoint and no val annotation file ({ann}); class names are "
+          f"'class <label>' and category_id = label", file=sys.stderr)
     return [f"class {i}" for i in range(num_classes)], list(range(num_classes)), {}
 
 
@@ -137,7 +153,7 @@ def run(args) -> dict:
                                      random_weights=args.random_weights, trusted=args.trust_checkpoint,
                                      device=device)
     transforms, divisibility = val_pipeline(cfg)
-    names, category_ids, known_ids = categories(cfg)
+    names, category_ids, known_ids = categories(cfg, cfg.checkpoint_classes)
     patch_size = (cfg.dset or {}).get("patch_size")
     files = list_images(args.input)[:getattr(args, "limit", None)]
     out = Path(args.out)

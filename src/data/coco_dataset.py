@@ -20,7 +20,9 @@ from torchvision import tv_tensors
 
 from src.core.registry import build, register
 from src.core.yaml_utils import DataError
-from src.data.coco_json import AnnotationError, check_image_entries, clip_to_image, load_coco_json, xywh_to_xyxy
+from src.data.classes import ClassList, ClassMatch, ClassMismatchError, match_classes
+from src.data.coco_json import (AnnotationError, check_box_convention, check_image_entries, clean_boxes, load_coco_json,
+                                parse_bboxes)
 from src.data.image_io import apply_orientation, orientation_to_apply, probe_headers, to_rgb_uint8
 
 logger = logging.getLogger(__name__)
@@ -94,6 +96,12 @@ class CocoDetection(Dataset):
         check_image_entries(images, self.ann_file)
 
         categories = sorted(categories, key=lambda c: c["id"])
+        self.categories: List[dict] = [{"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in categories]
+        try:  # this json's own classes (labels in id order); `use_classes` maps it to training's by name
+            self.classes = ClassList.from_categories(categories, where=f"annotation file {self.ann_file!r}")
+        except ClassMismatchError as e:
+            raise AnnotationError(str(e)) from None
+        self.class_match = ClassMatch(dict(enumerate(self.classes.category_ids)))
         self.category_ids: List[int] = [int(c["id"]) for c in categories]
         self.category_names: List[str] = [str(c.get("name", c["id"])) for c in categories]
         self.label_to_category_id: Dict[int, int] = dict(enumerate(self.category_ids))
@@ -163,38 +171,33 @@ class CocoDetection(Dataset):
                 raise AnnotationError(f"annotation file {self.ann_file!r}: annotation id {ann.get('id')} (image id "
                                  f"{ann.get('image_id')}) has category_id {ann.get('category_id')!r}, which is not "
                                  f"in 'categories' (ids {self.category_ids}); add the category or fix the annotation")
-            bbox = ann.get("bbox")
-            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-                raise AnnotationError(f"annotation file {self.ann_file!r}: annotation id {ann.get('id')} (image id "
-                                 f"{ann.get('image_id')}) has bbox {bbox!r}; expected [x, y, width, height]")
 
         n = len(anns)
         img_idx = np.array([image_index[a["image_id"]] for a in anns], dtype=np.int64)
-        xywh = np.array([[float(v) for v in a["bbox"]] for a in anns], dtype=np.float64).reshape(n, 4)
+        xywh, strings = parse_bboxes(anns, self.ann_file)
         labels = np.array([self.category_id_to_label[a["category_id"]] for a in anns], dtype=np.int64)
         iscrowd = np.array([int(a.get("iscrowd", 0)) for a in anns], dtype=np.int64)
         area_json = np.array([_number_or_nan(a.get("area")) for a in anns], dtype=np.float64)
         sizes = np.array([[im["width"], im["height"]] for im in self.image_infos], dtype=np.float64)
 
         crowd = iscrowd != 0
-        finite = np.isfinite(xywh).all(axis=1)
         wh = sizes[img_idx] if n else np.zeros((0, 2))
-        xyxy = xywh_to_xyxy(xywh)
-        clipped = clip_to_image(xyxy, wh)
-        was_clipped = finite & (clipped != xyxy).any(axis=1)
-        degenerate = finite & ((clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1]))
-        keep = ~crowd & finite & ~degenerate
+        if log:
+            check_box_convention(xywh[~crowd], wh[~crowd], self.ann_file)
+        clipped, usable, fixes = clean_boxes(xywh, wh)   # the same clean-up as the evaluation ground truth
+        keep = ~crowd & usable
 
         self.box_stats = {
             "annotations": int(n),
             "crowd_excluded": int(crowd.sum()),
-            "nonfinite_dropped": int((~crowd & ~finite).sum()),
-            "clipped": int((~crowd & was_clipped).sum()),
-            "degenerate_dropped": int((~crowd & degenerate).sum()),
+            "nonfinite_dropped": int((~crowd & fixes["nonfinite"]).sum()),
+            "clipped": int((keep & fixes["clipped"]).sum()),
+            "degenerate_dropped": int((~crowd & fixes["degenerate"]).sum()),
+            "parsed_strings": int(strings),
             "kept": int(keep.sum()),
         }
         problems = {k: v for k, v in self.box_stats.items()
-                    if k in ("nonfinite_dropped", "clipped", "degenerate_dropped") and v}
+                    if k in ("nonfinite_dropped", "clipped", "degenerate_dropped", "parsed_strings") and v}
         if problems and log:
             logger.warning("%s: fixed boxes %s (of %d annotations; %d crowd excluded, %d kept)", self.ann_file,
                            problems, n, self.box_stats["crowd_excluded"], self.box_stats["kept"])
@@ -207,9 +210,39 @@ class CocoDetection(Dataset):
         order = np.argsort(img_idx[keep], kind="stable")
         self._boxes = clipped[keep][order].astype(np.float32)
         self._labels = labels[keep][order]
+        self._category_of_box = np.array([a["category_id"] for a in anns], dtype=np.int64).reshape(n)[keep][order]
         self._area = area[keep][order].astype(np.float32)
         counts = np.bincount(img_idx[keep], minlength=len(self.image_infos))
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def use_classes(self, classes: ClassList) -> ClassMatch:
+        """Label this json's boxes with the training classes, matched by name (`src.data.classes`).
+
+        Boxes of a category training does not know leave the targets (reported, with their count); the
+        labels, ``label_to_category_id`` and ``category_id_to_label`` become the training ones. Returns the
+        match (also kept as ``class_match``)."""
+        cats, counts = np.unique(self._category_of_box, return_counts=True)
+        match = match_classes(classes, self.categories, dict(zip(cats.tolist(), counts.tolist())),
+                              where=f"annotation file {self.ann_file!r}")
+        ids = np.array(self.category_ids, dtype=np.int64)
+        lut = np.full(len(ids), -1, dtype=np.int64)
+        for label, cid in match.label_to_category_id.items():
+            lut[self.category_ids.index(cid)] = label
+        labels = lut[np.searchsorted(ids, self._category_of_box)] if len(self._category_of_box) else self._labels
+        keep = labels >= 0
+        image_of_box = np.repeat(np.arange(len(self.image_infos)), np.diff(self._offsets))
+        self._boxes, self._labels = self._boxes[keep], labels[keep]
+        self._area, self._category_of_box = self._area[keep], self._category_of_box[keep]
+        counts = np.bincount(image_of_box[keep], minlength=len(self.image_infos))
+        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.classes, self.class_match = classes, match
+        self.label_to_category_id = dict(match.label_to_category_id)
+        self.category_id_to_label = match.category_id_to_label
+        self.category_names = list(classes.names)
+        self.num_dataset_classes = len(classes)
+        for line in match.report(f"annotation file {self.ann_file!r}"):
+            logger.warning("%s", line)
+        return match
 
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:

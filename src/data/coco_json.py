@@ -26,7 +26,8 @@ from torchvision.ops import box_convert
 from src.core.yaml_utils import DataError
 
 __all__ = ["AnnotationError", "AnnotationFileNotFoundError", "load_coco_json", "check_image_entries",
-           "xywh_to_xyxy", "clip_to_image", "coco_gt_for_eval"]
+           "xywh_to_xyxy", "clip_to_image", "parse_bboxes", "clean_boxes", "check_box_convention",
+           "coco_gt_for_eval"]
 
 
 class AnnotationError(DataError):
@@ -104,29 +105,116 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def coco_gt_for_eval(gt: dict) -> dict:
-    """A copy of a COCO ground-truth dict the evaluators score correctly whatever tool wrote it.
+def _where(ann_file: str, ann: dict) -> str:
+    return f"annotation file {ann_file!r}: annotation id {ann.get('id')!r} (image id {ann.get('image_id')!r})"
 
-    Annotation ids become 1..N in file order (the original id is kept as ``source_id``); a missing or
-    non-numeric ``area`` becomes the area of the box clipped to its image (as in training); a missing
-    ``iscrowd`` becomes 0. Images and categories are unchanged.
+
+def parse_bboxes(anns: List[dict], ann_file: str) -> tuple:
+    """The [n, 4] float64 COCO bboxes (x, y, width, height) of `anns`, and how many had numeric strings.
+
+    A bbox must be a list of 4 numbers; a string that is a plain number ("10.5") is parsed and counted
+    (a warning at start), anything else ("10,5", null, true, a nested list) is an AnnotationError naming
+    the file, the annotation id and the image id. NaN / inf stay (dropped by `clean_boxes`, counted)."""
+    boxes = [a.get("bbox") for a in anns]
+    strings = 0
+    for a, b in zip(anns, boxes):
+        if not isinstance(b, (list, tuple)) or len(b) != 4:
+            raise AnnotationError(f"{_where(ann_file, a)} has bbox {b!r}; expected [x, y, width, height] "
+                                  f"(4 numbers, pixels)")
+        if all(type(v) in (int, float) for v in b):
+            continue
+        for v in b:
+            ok = type(v) in (int, float)
+            if isinstance(v, str):
+                try:
+                    float(v.strip())
+                    ok = "," not in v
+                except ValueError:
+                    ok = False
+            if not ok:
+                raise AnnotationError(f"{_where(ann_file, a)} has bbox {b!r}: {v!r} is not a number; write "
+                                      f"[x, y, width, height] as numbers (a decimal point, not a comma)")
+        strings += 1
+    xywh = np.array([[float(v) for v in b] for b in boxes] if strings else boxes, dtype=np.float64)
+    return xywh.reshape(len(anns), 4), strings
+
+
+def clean_boxes(xywh: np.ndarray, wh: np.ndarray) -> tuple:
+    """The one box clean-up of training targets and evaluation ground truth.
+
+    xywh [n, 4] COCO boxes, wh [n, 2] their image's (width, height). Returns (xyxy [n, 4] clipped to the
+    image, keep [n] bool, masks {'nonfinite', 'clipped', 'degenerate'} of [n] bool): a box with a non-finite
+    value or no area after clipping is dropped (keep False), a box partly outside is clipped."""
+    finite = np.isfinite(xywh).all(axis=1)
+    xyxy = xywh_to_xyxy(xywh)
+    clipped = clip_to_image(xyxy, wh)
+    was_clipped = finite & (clipped != xyxy).any(axis=1)
+    degenerate = finite & ((clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1]))
+    keep = finite & ~degenerate
+    return clipped, keep, {"nonfinite": ~finite, "clipped": was_clipped, "degenerate": degenerate}
+
+
+def check_box_convention(xywh: np.ndarray, wh: np.ndarray, ann_file: str) -> None:
+    """Refuse boxes written in another convention than COCO's [x, y, width, height] in pixels.
+
+    - normalised (every coordinate within [0, 1.5] on images larger than 32 px): they would all vanish
+      after resizing and the run would train on empty targets;
+    - [x1, y1, x2, y2] (most boxes extend past their image as x, y, w, h but fit it as x1, y1, x2, y2).
+    xywh [n, 4] (finite, non-crowd boxes), wh [n, 2]."""
+    finite = np.isfinite(xywh).all(axis=1)
+    xywh, wh = xywh[finite], wh[finite]
+    if len(xywh) == 0:
+        return
+    fix = "COCO bbox is [x, y, width, height] in pixels of the image file; convert the json"
+    if np.all((xywh >= 0) & (xywh <= 1.5)) and np.median(wh.min(axis=1)) > 32:
+        raise AnnotationError(f"annotation file {ann_file!r}: all {len(xywh)} boxes lie within [0, 1.5] on images of "
+                              f"about {int(np.median(wh[:, 0]))}x{int(np.median(wh[:, 1]))} px: they look normalised "
+                              f"(0-1). {fix} (multiply x and width by the image width, y and height by its height)")
+    tol = 1.0
+    past = (xywh[:, 0] + xywh[:, 2] > wh[:, 0] + tol) | (xywh[:, 1] + xywh[:, 3] > wh[:, 1] + tol)
+    fits_xyxy = ((xywh[:, 2] > xywh[:, 0]) & (xywh[:, 3] > xywh[:, 1])
+                 & (xywh[:, 2] <= wh[:, 0] + tol) & (xywh[:, 3] <= wh[:, 1] + tol))
+    if past.mean() > 0.5 and fits_xyxy[past].mean() > 0.9:
+        raise AnnotationError(f"annotation file {ann_file!r}: {int(past.sum())} of {len(xywh)} boxes extend past their "
+                              f"image as [x, y, width, height] but fit it as [x1, y1, x2, y2]: the boxes look like "
+                              f"corner coordinates. {fix} (width = x2 - x1, height = y2 - y1)")
+
+
+GT_FIX_KEYS = ("nonfinite_dropped", "degenerate_dropped", "clipped", "parsed_strings")
+
+
+def coco_gt_for_eval(gt: dict, ann_file: str = "ground truth") -> tuple:
+    """A copy of a COCO ground-truth dict the evaluators score correctly whatever tool wrote it, and the
+    box fixes made ({GT_FIX_KEYS: count}).
+
+    Boxes go through the same clean-up as training targets (`parse_bboxes`, `clean_boxes`): clipped to
+    the image, non-finite and degenerate ones dropped (crowd regions included), numeric strings parsed.
+    Annotation ids become 1..N in file order (the original id is kept as ``source_id``; COCO's
+    evaluators read id 0 as "unmatched"); a missing or non-numeric ``area`` becomes the area of the
+    clipped box (as in training); a missing ``iscrowd`` becomes 0. Images and categories are unchanged.
     """
     out = {k: v for k, v in gt.items() if k != "annotations"}
     anns = [dict(a) for a in gt.get("annotations") or []]
     sizes = {img["id"]: (img.get("width", 0), img.get("height", 0)) for img in gt.get("images", [])}
-    missing = [i for i, a in enumerate(anns) if not _is_number(a.get("area"))]
-    if missing:
-        xywh = np.array([[float(v) for v in anns[i].get("bbox", [0, 0, 0, 0])] for i in missing]).reshape(-1, 4)
-        wh = np.array([sizes.get(anns[i].get("image_id"), (0, 0)) for i in missing], dtype=np.float64)
-        xyxy = clip_to_image(xywh_to_xyxy(xywh), wh)
-        area = (xyxy[:, 2] - xyxy[:, 0]).clip(min=0) * (xyxy[:, 3] - xyxy[:, 1]).clip(min=0)
-        for i, a in zip(missing, area.tolist()):
-            anns[i]["area"] = a
-    for new_id, a in enumerate(anns, start=1):
+    xywh, strings = parse_bboxes(anns, ann_file)
+    wh = np.array([sizes.get(a.get("image_id"), (0, 0)) for a in anns], dtype=np.float64).reshape(-1, 2)
+    xyxy, keep, masks = clean_boxes(xywh, wh)
+    fixes = {"nonfinite_dropped": int(masks["nonfinite"].sum()), "degenerate_dropped": int(masks["degenerate"].sum()),
+             "clipped": int((masks["clipped"] & keep).sum()), "parsed_strings": strings}
+    area = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1])
+    kept = []
+    for a, row, ok, box_area in zip(anns, xyxy.tolist(), keep.tolist(), area.tolist()):
+        if not ok:
+            continue
+        a["bbox"] = [row[0], row[1], row[2] - row[0], row[3] - row[1]]
+        if not _is_number(a.get("area")):
+            a["area"] = box_area
+        kept.append(a)
+    for new_id, a in enumerate(kept, start=1):
         a["source_id"] = a.get("id")
         a["id"] = new_id
         a.setdefault("iscrowd", 0)
-    out["annotations"] = anns
+    out["annotations"] = kept
     out["images"] = copy.deepcopy(gt.get("images", []))
     out["categories"] = copy.deepcopy(gt.get("categories", []))
-    return out
+    return out, fixes

@@ -173,6 +173,13 @@ def _check_split_ids(name: str, wanted: List[str], found: List[str], split_json:
         raise DairConversionError(f"split json {split_json!r}: split {name!r} is empty; remove it or fill it")
     if len(found) * 2 < len(wanted):
         sample = ", ".join(sorted(known)[:3])
+        if name == "test" and not found:
+            raise DairConversionError(
+                f"split 'test' of {split_json!r}: none of its {len(wanted)} frame ids is in {info_path!r} (which has "
+                f"{len(known)} frames, e.g. {sample}). Most likely the test frames are not part of your download "
+                f"(the DAIR-V2X-I release ships train and val frames; the devkit split lists test ids too): convert "
+                f"the others with --splits train val. Otherwise check that --root is the single-infrastructure-side "
+                f"folder the split belongs to")
         raise DairConversionError(
             f"split {name!r} of {split_json!r}: {len(wanted) - len(found)} of its {len(wanted)} frame ids are not in "
             f"{info_path!r} (which has {len(known)} frames, e.g. {sample}). Likely causes: --root is not the "
@@ -205,6 +212,16 @@ def make_splits(frames: Dict[str, dict], split_json: Optional[str], seed: int, v
             out[name] = [i for i in wanted if i in known]
             _check_split_ids(name, wanted, out[name], split_json, info_path, ids)
             report.split_ids_missing[name] = len(wanted) - len(out[name])
+        seen: Dict[str, str] = {}
+        for name in names:
+            for i in (str(x) for x in split[name]):
+                if i in seen and seen[i] != name:
+                    shared = sorted({str(x) for x in split[name]} & {str(x) for x in split[seen[i]]})
+                    raise DairConversionError(
+                        f"split json {split_json!r}: splits {seen[i]!r} and {name!r} share {len(shared)} frame id(s) "
+                        f"(e.g. {', '.join(shared[:3])}): an image in both would be trained on and evaluated. Fix the "
+                        f"split file so that every id is in one split")
+                seen.setdefault(i, name)
         report.ids_not_in_split = len(known - {i for v in out.values() for i in v})
         return out
     if not 0.0 < val_fraction < 1.0:

@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 
+from src.data.classes import ClassList
 from src.misc import dist
 from src.misc.checkpoint import describe_mismatch, load_checkpoint, save_checkpoint
 from src.misc.rng import get_rng_state, seed_everything, set_rng_state
@@ -57,6 +58,7 @@ def trainer_state(tr, epoch: int, rng_per_rank: list | None = None) -> dict:
         "nonfinite_skipped": tr.nonfinite_skipped,
         "amp_overflow_steps": tr.amp_overflow_steps,
         "config": json.loads(json.dumps(tr.cfg.yaml_cfg, default=str)),  # plain types only (safe load)
+        "classes": tr.classes.to_records() if tr.classes is not None else None,  # label -> name, category id
         "rng": rng,
         "rng_per_rank": rng_per_rank if rng_per_rank is not None else [rng],
     }
@@ -95,6 +97,13 @@ def load_trainer_state(tr, path: str):
         raise CheckpointError(f"{path} (-r): does not match the run built from the config ({type(e).__name__}: "
                               f"{str(e).splitlines()[0]}). Resume with the config that wrote it, or start a new "
                               f"run from its weights with -t {path}") from e
+    if ckpt.get("classes"):
+        stored = ClassList.from_records(ckpt["classes"])
+        if tr.classes is not None and tr.classes.names != stored.names:
+            raise CheckpointError(f"{path} (-r) was trained on the classes {list(stored.names)} (label order) but the "
+                                  f"training json of the config has {list(tr.classes.names)}: resume with the json it "
+                                  f"was trained on, or start a new run from its weights with -t {path}")
+        tr.classes = stored
     load_scaler_state(tr, ckpt.get("scaler") or {}, path)
     tr.start_epoch = int(ckpt["epoch"]) + 1
     tr.global_step = int(ckpt["step"])

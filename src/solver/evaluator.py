@@ -15,7 +15,10 @@ Usage::
 
 The ground truth is read through ``coco_gt_for_eval``: annotation ids are renumbered 1..N (COCO's
 evaluators read id 0 as "unmatched", so ids starting at 0, as labelme2coco writes them, would silently
-lower AP) and a missing ``area`` is filled from the box, as in training, so AP by size is right.
+lower AP), a missing ``area`` is filled from the box, as in training, so AP by size is right, and the
+boxes go through the training targets' clean-up (clipped, degenerate ones dropped; counts in ``gt_fixes``).
+The model's labels are mapped to the json's categories by name (``src.data.classes``): pass the match's
+``label_to_category_id``.
 
 Undefined metrics (e.g. AP_small when no small ground-truth box exists, or the AP of a
 category without ground truth; COCO reports -1) are NaN here.
@@ -36,7 +39,7 @@ import torch
 from src.data.coco_json import coco_gt_for_eval
 from src.misc.dist import all_gather_object, broadcast_object, is_main_process
 
-__all__ = ["CocoEvaluator", "format_table", "available_backends", "METRIC_NAMES"]
+__all__ = ["CocoEvaluator", "evaluator_for", "format_table", "available_backends", "METRIC_NAMES"]
 
 METRIC_NAMES = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
                 "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large"]
@@ -103,10 +106,19 @@ class CocoEvaluator:
             'faster_coco_eval' or 'pycocotools'.
         image_ids: evaluate only these images (e.g. ``dataset.image_ids`` when ``skip_corrupt`` left some
             out); None: every image of the ground truth.
+        unscored_labels: model labels with no category in this ground truth (training classes the json
+            lacks, `src.data.classes.ClassMatch.missing`): their detections are dropped and counted
+            (``unscored_detections``); any other label without a category is an error.
+        categories: the mapping used, recorded in the summary as ``categories`` ([{label, name,
+            category_id}], `ClassMatch.records`); default from label_to_category_id and the json's names.
+
+    Only the categories label_to_category_id maps to are scored: a json category that no label maps to
+    (a class training does not know) is left out of the AP, never scored as another class.
     """
 
     def __init__(self, coco_gt, label_to_category_id: Dict[int, int], backend: str = "auto",
-                 image_ids: Optional[Iterable[int]] = None):
+                 image_ids: Optional[Iterable[int]] = None, unscored_labels: Iterable[int] = (),
+                 categories: Optional[List[dict]] = None):
         if backend == "auto":
             backends = available_backends()
             if not backends:
@@ -119,7 +131,8 @@ class CocoEvaluator:
             raise ValueError(f"CocoEvaluator: the ground truth{_describe(coco_gt)} has no 'annotations' list; an "
                              f"unlabelled set (allow_unlabelled: true) can be used for inference, not evaluated")
         # annotation ids renumbered 1..N (id 0 would be read as 'unmatched'), missing areas filled from the box
-        gt = coco_gt_for_eval(gt)
+        gt, self.gt_fixes = coco_gt_for_eval(gt, os.fspath(coco_gt) if isinstance(coco_gt, (str, os.PathLike))
+                                             else "ground truth")
         with contextlib.redirect_stdout(io.StringIO()):
             self.coco_gt = self._COCO(gt) if backend == "faster_coco_eval" else self._COCO()
             if backend == "pycocotools":
@@ -131,6 +144,11 @@ class CocoEvaluator:
             raise KeyError(f"CocoEvaluator: label_to_category_id maps to category ids {unknown} that are not "
                            f"in the ground truth categories {sorted(self.category_names)}")
         self.label_to_category_id = {int(k): int(v) for k, v in label_to_category_id.items()}
+        self.unscored_labels = {int(x) for x in unscored_labels} - set(self.label_to_category_id)
+        self.categories = categories if categories is not None else [
+            {"label": k, "name": self.category_names[v], "category_id": v}
+            for k, v in sorted(self.label_to_category_id.items())]
+        self.num_unscored = 0
         max_label = max(self.label_to_category_id, default=-1)
         self._lut = torch.full((max_label + 1,), -1, dtype=torch.int64)
         for k, v in self.label_to_category_id.items():
@@ -148,8 +166,14 @@ class CocoEvaluator:
                 self.num_gt[a["category_id"]] += 1
         self._dets: Dict[int, np.ndarray] = {}
 
+    def extra_summary(self, **fields) -> None:
+        """Fields added to every summary (e.g. the class match's `classes_not_trained`)."""
+        self._extra = dict(fields)
+
     def reset(self) -> None:
+        """Forget the detections (the ground truth stays: one evaluator serves every evaluation of a run)."""
         self._dets = {}
+        self.num_unscored = 0
 
     def update(self, results: Dict[int, dict]) -> None:
         """Add detections.
@@ -169,6 +193,10 @@ class CocoEvaluator:
             if not (len(boxes) == len(scores) == len(labels)):
                 raise ValueError(f"CocoEvaluator.update: image {image_id}: boxes/scores/labels lengths "
                                  f"{len(boxes)}/{len(scores)}/{len(labels)} differ")
+            if self.unscored_labels:
+                scored = ~torch.isin(labels, torch.tensor(sorted(self.unscored_labels), dtype=torch.int64))
+                self.num_unscored += int((~scored).sum())
+                boxes, scores, labels = boxes[scored], scores[scored], labels[scored]
             in_range = (labels >= 0) & (labels < len(self._lut))
             cats = torch.full_like(labels, -1)
             cats[in_range] = self._lut[labels[in_range]]
@@ -193,6 +221,7 @@ class CocoEvaluator:
                 coco_dt.createIndex()
             coco_eval = self._COCOeval(self.coco_gt, coco_dt, iouType="bbox")
             coco_eval.params.imgIds = sorted(self.image_ids)
+            coco_eval.params.catIds = sorted(set(self.label_to_category_id.values()))  # trained classes only
             coco_eval.evaluate()
             coco_eval.accumulate()
         self.last_eval = coco_eval
@@ -206,13 +235,17 @@ class CocoEvaluator:
         'num_images': int, 'num_detections': int, 'backend': str}``.
         """
         merged: Dict[int, np.ndarray] = {}
-        for part in all_gather_object(self._dets):
+        unscored = 0
+        for part, dropped in all_gather_object((self._dets, self.num_unscored)):
             merged.update(part)
+            unscored += dropped
         summary = None
         if is_main_process():
             dets = np.concatenate(list(merged.values()), axis=0) if merged else np.zeros((0, 7))
             summary = self._evaluate(dets)
-            summary.update(num_images=len(merged), num_detections=int(len(dets)), backend=self.backend)
+            summary.update(num_images=len(merged), num_detections=int(len(dets)), backend=self.backend,
+                           categories=self.categories, gt_fixes=self.gt_fixes, unscored_detections=unscored,
+                           **getattr(self, "_extra", {}))
         return broadcast_object(summary)
 
 
@@ -269,3 +302,15 @@ def format_table(summary: Optional[dict]) -> str:
         lines += [f"| {c['category']} | {c['name']} | {c.get('num_gt', '')} | {_fmt(c['AP'])} | "
                   f"{_fmt(c.get('AP50'))} |" for c in per_class]
     return "\n".join(lines)
+
+
+def evaluator_for(dataset, classes) -> CocoEvaluator:
+    """The evaluator of a val dataset whose labels are the training `classes` (`dataset.use_classes`),
+    built once per run (the trainer resets it per evaluation): the dataset's json, its images (skip_corrupt
+    may have left some out), the class match's mapping; training classes the json lacks are
+    unscored, the json's classes training lacks are left out (both listed in every summary)."""
+    match = dataset.class_match
+    evaluator = CocoEvaluator(dataset.ann_file, dataset.label_to_category_id, image_ids=dataset.image_ids,
+                              unscored_labels=[m["label"] for m in match.missing], categories=match.records(classes))
+    evaluator.extra_summary(classes_not_trained=match.not_trained, classes_missing=match.missing)
+    return evaluator

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+from typing import List
 
 import numpy as np
 import torch
@@ -10,6 +12,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from src.core.yaml_utils import ConfigError
 from src.misc import dist
+from src.misc.rng import rng_preserved
 
 
 def loader_seed(seed: int, epoch: int, rank: int, train: bool = True) -> int:
@@ -62,6 +65,29 @@ def check_num_classes(cfg, loaders):
                               f"set num_classes >= {ds_classes}")
 
 
+def training_classes(train_loader):
+    """The class list the training json defines (None without a training set); a resumed checkpoint's
+    stored list must agree with it (checkpointing.py)."""
+    return getattr(train_loader.dataset, "classes", None) if train_loader is not None else None
+
+
+def prepare_val_data(val_loader, classes, train_loader=None, is_main: bool = True):
+    """Label the val json with the training `classes`, matched by name (src/data/classes.py), and warn
+    about images shared with the training set. Returns the class list in use (the val json's own, with a
+    warning, when there is no training list)."""
+    dataset = val_loader.dataset if val_loader is not None else None
+    if dataset is None or not hasattr(dataset, "use_classes"):
+        return classes
+    check_leakage(train_loader, val_loader)
+    if classes is None:
+        if is_main:
+            print(f"warning: no training class list (no train_dataloader, and the checkpoint stores none): the "
+                  f"categories of {dataset.ann_file!r} are taken as the model's classes in id order")
+        classes = dataset.classes
+    dataset.use_classes(classes)
+    return classes
+
+
 def check_training_data(cfg, train_loader) -> None:
     """Refuse, before the first step, a training set that would train on nothing: an unlabelled set, fewer
     images than one batch with ``drop_last`` (0 steps per epoch), or no usable box at all."""
@@ -80,6 +106,52 @@ def check_training_data(cfg, train_loader) -> None:
     stats = getattr(dataset, "box_stats", None)
     if stats is not None and stats.get("kept", 1) == 0:
         raise ConfigError(f"{where}: {name} has no usable box (box_stats {stats}): training would learn nothing")
+    check_boxes_survive_transforms(dataset, where)
+
+
+def check_boxes_survive_transforms(dataset, where: str, sample: int = 8) -> None:
+    """Run the training transforms on up to `sample` images that have boxes (evenly spread, a fixed choice):
+    if every one of them loses all its boxes, training would run on empty targets. An error naming the
+    images, before the first step."""
+    offsets = getattr(dataset, "_offsets", None)
+    if offsets is None or getattr(dataset, "transforms", None) is None:
+        return
+    with_boxes = np.flatnonzero(np.diff(offsets) > 0)
+    if len(with_boxes) == 0:
+        return
+    picked = with_boxes[np.linspace(0, len(with_boxes) - 1, min(sample, len(with_boxes))).round().astype(int)]
+    picked = sorted(set(picked.tolist()))
+    lost = []
+    for i in picked:
+        before = int(offsets[i + 1] - offsets[i])
+        with rng_preserved():   # random transforms must not change the run's random stream
+            after = len(dataset[i][1]["boxes"])
+        if after > 0:
+            return
+        lost.append(f"image id {dataset.image_ids[i]}: {before} boxes before the transforms, 0 after")
+    raise ConfigError(f"{where}: the training transforms remove every box of the {len(picked)} images checked "
+                      f"(" + "; ".join(lost[:3]) + "): training would run on empty targets. Check the box "
+                      f"convention of {getattr(dataset, 'ann_file', 'the json')} (COCO bbox is [x, y, width, "
+                      f"height] in pixels) and the transforms (Resize / crop sizes, SanitizeBoundingBoxes min_size)")
+
+
+def check_leakage(train_loader, val_loader, show: int = 3) -> List[str]:
+    """Image files that are in both the training and the validation set (by resolved path): a warning with
+    the count and the first names (the val AP would then measure memorisation). Returns the shared paths."""
+    if train_loader is None or val_loader is None:
+        return []
+    paths = []
+    for loader in (train_loader, val_loader):
+        ds = loader.dataset
+        if not hasattr(ds, "image_path"):
+            return []
+        paths.append({os.path.realpath(ds.image_path(i)) for i in range(len(ds))})
+    shared = sorted(paths[0] & paths[1])
+    if shared and dist.is_main_process():
+        names = ", ".join(os.path.basename(p) for p in shared[:show])
+        print(f"warning: {len(shared)} image file(s) are in both the training and the validation set (e.g. {names}); "
+              f"the val AP of these images measures memorisation, not generalisation. Use disjoint splits")
+    return shared
 
 
 def check_input_divisibility(cfg, loaders: dict, max_stride: int):

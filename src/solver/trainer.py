@@ -31,10 +31,10 @@ from src.optim.lr_scheduler import build_lr_scheduler
 from src.optim.optimizer import build_optimizer, check_param_groups
 from src.solver import checkpointing
 from src.solver.checkpointing import CheckpointError  # noqa: F401  (public: train.py, tests)
-from src.solver.evaluator import CocoEvaluator, format_table
+from src.solver.evaluator import evaluator_for, format_table
 from src.solver.loaders import (build_loader, check_input_divisibility, check_loss_weights, check_num_classes,
-                                check_training_data,
-                                iters_per_epoch, largest_stride, loader_seed)
+                                check_training_data, iters_per_epoch, largest_stride, loader_seed, prepare_val_data,
+                                training_classes)
 from src.solver.train_step import NonFiniteLossError, skip_buffers, train_step  # noqa: F401  (public)
 
 
@@ -103,6 +103,7 @@ class Trainer:
                    for key in ("train_dataloader", "val_dataloader")}
         self.train_loader, self.val_loader = loaders["train_dataloader"], loaders["val_dataloader"]
         check_num_classes(cfg, loaders.values())
+        self.classes, self._evaluator = training_classes(self.train_loader), None  # evaluator: at the first eval
         check_input_divisibility(cfg, loaders, self.max_stride)
         if not self.test_only:
             check_training_data(cfg, self.train_loader)
@@ -134,6 +135,7 @@ class Trainer:
         self.nonfinite_skipped, self.amp_overflow_steps = 0, 0
         if self.resume_path:
             self.load_state(self.resume_path)
+        self.classes = prepare_val_data(self.val_loader, self.classes, self.train_loader, self.is_main)
 
     def _build(self, key: str, build):
         """Build a component; a RuntimeError from its constructor (e.g. a negative size such as a negative
@@ -250,9 +252,8 @@ class Trainer:
         # the pruning schedule of the evaluated weights: the epoch just trained, or for --test-only the
         # epoch of the resumed checkpoint (tuned weights without one: the schedule's end, i.e. keep_ratio)
         set_epoch_everywhere(model, epoch if epoch >= 0 else self.schedule_epoch_for_test())
-        dataset = self.val_loader.dataset
-        # only the data set's images: with skip_corrupt some of the json's may have been left out
-        evaluator = CocoEvaluator(dataset.ann_file, dataset.label_to_category_id, image_ids=dataset.image_ids)
+        self._evaluator = evaluator = self._evaluator or evaluator_for(self.val_loader.dataset, self.classes)
+        evaluator.reset()
         hook_sums: List[Dict[str, torch.Tensor]] = [{} for _ in self.hooks]
         for images, targets in self.val_loader:
             images = images.to(self.device)

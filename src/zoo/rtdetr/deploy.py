@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from src.core.config import YAMLConfig
+from src.data.classes import ClassList, match_classes
 from src.misc.checkpoint import extract_state_dict, load_checkpoint, load_matching_weights
 from src.zoo.rtdetr.moe import MoEFFN
 from src.zoo.rtdetr.patch_level_pruning import PatchLevelPruner
@@ -31,15 +32,21 @@ def load_detector(config: str, overrides: Sequence[str] = (), checkpoint: Option
     is required (tests, benchmarks), so random weights are never used by accident.
     Pruners are left without an epoch, i.e. at the end of their warmup schedule (``keep_ratio``).
 
-    Returns (cfg, model, postprocessor), both modules on ``device`` in eval mode.
+    Returns (cfg, model, postprocessor), both modules on ``device`` in eval mode. ``cfg.checkpoint_classes``
+    is the training class list the checkpoint stores (`src.data.classes.ClassList`), or None (random
+    weights, or a checkpoint written before classes were stored).
     """
     if (checkpoint is None) == (not random_weights):
         raise ValueError("load_detector: give a checkpoint (-r CKPT) or, for tests and benchmarks only, "
                          "random_weights=True (--random-weights); not both, not neither")
     cfg = YAMLConfig(config, overrides=list(overrides))
     model, post = cfg.model, cfg.postprocessor
+    cfg.checkpoint_classes = None
     if checkpoint is not None:
-        state = extract_state_dict(load_checkpoint(checkpoint, trusted=trusted))
+        raw = load_checkpoint(checkpoint, trusted=trusted)
+        if isinstance(raw, dict) and raw.get("classes"):
+            cfg.checkpoint_classes = ClassList.from_records(raw["classes"])
+        state = extract_state_dict(raw)
         try:
             load_matching_weights(model, state, strict=True)
         except RuntimeError as e:
