@@ -36,7 +36,8 @@ def weights(trainer):
 
 # --------------------------------------------------------------------------- finding 1: overflow steps
 def test_float16_amp_overflow_steps_are_skipped_counted_and_never_log_an_inf_grad_norm(tmp_path, data_root):
-    trainer = tiny_trainer(tmp_path, data_root, {"use_amp": True, "amp_init_scale": 1e30, "max_iters_per_epoch": 2})
+    trainer = tiny_trainer(tmp_path, data_root, {"use_amp": True, "amp_dtype": "float16", "amp_init_scale": 1e30,
+                                                "max_iters_per_epoch": 2})
     assert trainer.scaler.is_enabled() and trainer.amp_dtype == torch.float16
     before = weights(trainer)
     trainer.fit()
@@ -86,7 +87,7 @@ def test_amp_settings_are_validated_at_load_time(tmp_path, data_root, key, value
 
 # --------------------------------------------------------------------------- finding 2: resume across AMP
 def test_resume_a_checkpoint_without_amp_with_amp_and_back(tmp_path, data_root, capsys):
-    base = {"max_iters_per_epoch": 1}
+    base = {"max_iters_per_epoch": 1, "amp_dtype": "float16"}   # the scaler is float16's (on CPU it is not the default)
     tiny_trainer(tmp_path, data_root, {**base, "epochs": 1}).fit()
     last = str(tmp_path / "out" / "last.pth")
     assert torch.load(last, weights_only=True)["scaler"] == {}  # written without AMP: empty scaler state
@@ -142,3 +143,18 @@ def test_iter_time_of_the_last_iteration_is_averaged_over_the_iterations_since_t
     assert trainer.iters_per_epoch == 4
     trainer.fit()
     assert [v for _, v in read_scalars(tmp_path / "out" / "tb")["train/iter_time"]] == [1.0, 1.0, 1.0]
+
+
+def test_amp_dtype_defaults_to_bfloat16_on_cpu_and_warns_on_explicit_float16(capsys):
+    from src.solver.train_step import amp_dtype_for
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_dtype_for({}, cpu, True) == torch.bfloat16
+    assert amp_dtype_for({}, cuda, True) == torch.float16
+    assert amp_dtype_for({"amp_dtype": "bfloat16"}, cuda, True) == torch.bfloat16
+    capsys.readouterr()
+    assert amp_dtype_for({"amp_dtype": "float16"}, cpu, True) == torch.float16
+    warning = capsys.readouterr().out
+    assert "about 50x slower" in warning and "amp_dtype: bfloat16" in warning
+    amp_dtype_for({"amp_dtype": "float16"}, cpu, False)
+    assert capsys.readouterr().out == ""

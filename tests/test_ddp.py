@@ -18,6 +18,7 @@ where both ranks' batches have boxes (after one update: looser tolerance).
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -92,3 +93,78 @@ def test_two_process_ddp_with_an_empty_rank_batch_matches_one_process_and_only_r
     ckpt = torch.load(rank0 / "last.pth", map_location="cpu", weights_only=True)
     assert len(ckpt["rng_per_rank"]) == 2
     assert not torch.equal(ckpt["rng_per_rank"][0]["torch"], ckpt["rng_per_rank"][1]["torch"])
+
+
+EMA_PROBE = """# torchrun entry: build the Trainer on each rank and record the model's and the EMA's checksums
+import json, os, sys
+sys.path.insert(0, {repo!r})
+from src.core.config import YAMLConfig
+from src.misc.dist import unwrap_model
+from src.solver.trainer import Trainer
+
+def checksum(module):
+    return sum(float(t.double().sum()) for t in module.state_dict().values() if t.is_floating_point())
+
+tr = Trainer(YAMLConfig(sys.argv[1]), device="cpu", output_dir=sys.argv[2], seed=0)
+with open(os.path.join(sys.argv[3], "rank" + os.environ["RANK"] + ".json"), "w") as f:
+    json.dump({{"model": checksum(unwrap_model(tr.model)), "ema": checksum(tr.ema.module)}}, f)
+"""
+
+
+def _torchrun(script, args, timeout=240):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(script), *args]
+    proc = subprocess.run(cmd, cwd=str(REPO), env=subprocess_env(threads=1), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
+def test_ema_identical_across_ranks(tmp_path):
+    """Ranks are seeded with seed + rank, so their freshly built models differ until DDP broadcasts rank 0's
+    weights; the EMA must be built from the broadcast weights (ema.warmups 0: no warm-up to hide it)."""
+    data = make_tiny_dataset(tmp_path / "data", num_train=4, num_val=2)
+    cfg = tiny_config_dict(data, tmp_path / "out", dset=True, batch=2, augment=False)
+    cfg["ema"] = {"decay": 0.9, "warmups": 0}
+    cfg_path = tmp_path / "ema.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    probe = tmp_path / "probe.py"
+    probe.write_text(EMA_PROBE.format(repo=str(REPO)))
+    sums = tmp_path / "sums"
+    sums.mkdir()
+    _torchrun(probe, [str(cfg_path), str(tmp_path / "out"), str(sums)])
+    rank0, rank1 = (json.loads((sums / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["model"] == rank1["model"]
+    assert rank0["ema"] == rank1["ema"] == rank0["model"]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
+def test_ddp_evaluation_of_an_odd_val_set_equals_one_process_in_every_figure(tmp_path):
+    """3 val images on 2 ranks: without padding every image is scored once, so AP and the DSET keep-bias
+    sums equal the 1-process evaluation of the same checkpoint."""
+    data = make_tiny_dataset(tmp_path / "data", num_train=4, num_val=3)
+    cfg = tiny_config_dict(data, tmp_path / "train", dset=True, batch=2, augment=False)
+    cfg["val_dataloader"]["total_batch_size"] = 2
+    cfg_path = tmp_path / "odd.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    trained = run_train(["-c", str(cfg_path)], threads=1)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    ckpt = str(tmp_path / "train" / "last.pth")
+    single = run_train(["-c", str(cfg_path), "-r", ckpt, "--test-only", "--output-dir", str(tmp_path / "one")],
+                       threads=1)
+    assert single.returncode == 0, single.stderr[-3000:]
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LAUNCHER.format(train=str(TRAIN_PY)))
+    _torchrun(launcher, ["-c", str(cfg_path), "--device", "cpu", "-r", ckpt, "--test-only", "--output-dir",
+                         str(tmp_path / "two")])
+    one = json.loads((tmp_path / "one" / "eval" / "test.json").read_text())
+    two = json.loads((tmp_path / "two" / "rank0" / "eval" / "test.json").read_text())
+    assert one["num_images"] == two["num_images"] == 3
+    for key in ("AP", "AP50", "AP75", "num_detections"):
+        assert two[key] == pytest.approx(one[key], abs=1e-9), key
+    assert set(two["dset_bias"]) == set(one["dset_bias"])
+    for key, value in one["dset_bias"].items():   # counts exact (a padded repeat would add boxes), ratios to float32
+        tol = 0 if key.startswith("num_") else 1e-6
+        assert two["dset_bias"][key] == pytest.approx(value, rel=tol * 10, abs=tol), key
+    assert one["dset_bias"]["num_boxes_far"] + one["dset_bias"]["num_boxes_near"] > 0

@@ -53,7 +53,8 @@ GLOBAL_KEYS: Dict[str, str] = {
     "use_ema": "keep an EMA of the weights and evaluate it",
     "ema": "EMA settings {decay, warmups}",
     "use_amp": "mixed precision (autocast + GradScaler for float16) on CUDA and CPU",
-    "amp_dtype": "autocast dtype under use_amp: float16 (default; with GradScaler) or bfloat16 (no scaler)",
+    "amp_dtype": "autocast dtype under use_amp: float16 (with GradScaler) or bfloat16 (no scaler); default "
+                 "float16 on CUDA, bfloat16 on CPU (float16 autocast is about 50x slower there)",
     "amp_init_scale": "GradScaler's initial loss scale for float16 AMP (default 65536)",
     "sync_bn": "convert BatchNorm to SyncBatchNorm under DDP",
     "find_unused_parameters": "DDP find_unused_parameters",

@@ -44,9 +44,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def init_distributed(device: str | None = None) -> bool:
     """Initialise the process group when launched by torchrun (RANK/WORLD_SIZE set).
 
-    Uses nccl on CUDA and gloo on CPU. Returns True when running distributed.
+    Uses nccl on CUDA and gloo on CPU. Returns True when running distributed. Without torchrun, a
+    ``cuda:N`` device becomes the current CUDA device (so kernels and allocations that name no device
+    land on N, not on GPU 0).
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        if device is not None and str(device).startswith("cuda:"):
+            torch.cuda.set_device(torch.device(device))
         return False
     use_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
     backend = "nccl" if use_cuda else "gloo"

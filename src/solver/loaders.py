@@ -27,6 +27,22 @@ def largest_stride(model: nn.Module) -> int:
     return max(strides) if strides else 1
 
 
+class ShardSampler(torch.utils.data.Sampler):
+    """Rank r of `world` gets the indices r, r + world, r + 2 world, ... < n: every index exactly once over the
+    ranks, without DistributedSampler's padding (which repeats images so that the shards are equal, and so
+    counts them twice in sums such as DSET's keep-bias figures). The shards differ by at most one image; the
+    evaluation loop has no collective, so ranks may run different numbers of batches."""
+
+    def __init__(self, n: int, world: int, rank: int):
+        self.n, self.world, self.rank = int(n), int(world), int(rank)
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+
 def build_loader(cfg, key: str, train: bool, seed: int, device: torch.device) -> DataLoader:
     """The loader of section ``key``; ``pin_memory`` defaults to true on CUDA (page-locked batches make the
     trainer's ``non_blocking`` copies asynchronous) and false on CPU (nothing to copy)."""
@@ -43,8 +59,11 @@ def build_loader(cfg, key: str, train: bool, seed: int, device: torch.device) ->
                           f"the number of processes ({world})")
     # the order comes from the sampler (seed + set_epoch); the generator seeds the loader workers and is
     # re-seeded every epoch from (seed, epoch, rank), so worker augmentations never depend on the global RNGs
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=dist.get_rank(),
-                                 shuffle=bool(section.get("shuffle", train)), seed=seed, drop_last=False)
+    if train:
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=dist.get_rank(),
+                                     shuffle=bool(section.get("shuffle", train)), seed=seed, drop_last=False)
+    else:  # evaluation: every image exactly once over the ranks (DistributedSampler would repeat some)
+        sampler = ShardSampler(len(dataset), world, dist.get_rank())
     generator = torch.Generator().manual_seed(loader_seed(seed, 0, dist.get_rank(), train))
     return DataLoader(dataset, batch_size=total_bs // world, sampler=sampler,
                       num_workers=int(section.get("num_workers", 0)), collate_fn=collate,

@@ -35,7 +35,7 @@ from src.solver.evaluator import evaluator_for, format_table
 from src.solver.loaders import (build_loader, check_input_divisibility, check_loss_weights, check_num_classes,
                                 check_training_data, iters_per_epoch, largest_stride, loader_seed, prepare_val_data,
                                 training_classes)
-from src.solver.train_step import NonFiniteLossError, skip_buffers, train_step  # noqa: F401  (public)
+from src.solver.train_step import NonFiniteLossError, amp_dtype_for, skip_buffers, train_step  # noqa: F401
 
 
 def set_epoch_everywhere(model: nn.Module, epoch: int):
@@ -69,7 +69,7 @@ class Trainer:
         self.output_dir = output_dir or cfg.get("output_dir", "./output/run")
         self.seed = cfg.get("seed", 0) if seed is None else seed
         self.use_amp = bool(cfg.get("use_amp", False) if use_amp is None else use_amp)  # CUDA and CPU alike
-        self.amp_dtype = getattr(torch, cfg.get("amp_dtype", "float16"))  # validated: float16 | bfloat16
+        self.amp_dtype = amp_dtype_for(cfg, self.device, self.use_amp)  # float16, or bfloat16 (default on CPU)
         self.resume_path = resume
         self.tuning_path = tuning or cfg.get("tuning")
         self.trusted = trusted_checkpoint
@@ -113,7 +113,6 @@ class Trainer:
         self.iters_per_epoch = iters_per_epoch(cfg, self.train_loader)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.get("lr_scheduler"),
                                                cfg.get("lr_warmup_scheduler"), self.iters_per_epoch, self.epochs)
-        self.ema = ModelEMA(self.model, **cfg.get("ema", {})) if cfg.get("use_ema", False) else None
         # float16 needs loss scaling (its range ends at 65504); bfloat16 has float32's range and runs without
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=float(cfg.get("amp_init_scale", 65536.0)),
                                            enabled=self.use_amp and self.amp_dtype == torch.float16)
@@ -129,6 +128,7 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=find_unused)
+        self.ema = ModelEMA(self.model, **cfg.get("ema", {})) if cfg.get("use_ema", False) else None
 
         self.logger = TrainLogger(self.output_dir, enabled=self.is_main)
         self.start_epoch, self.global_step, self.best_ap = 0, 0, -1.0
