@@ -25,7 +25,7 @@ demo: data
 	@echo "TensorBoard (losses, AP, DSET mask pictures cass/mask_level*): $(VENV)/bin/tensorboard --logdir output"
 
 test: $(STAMP)
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q --durations=15 tests
 
 bench: $(STAMP)
 	$(VPY) -m bench.cass_loss_bench

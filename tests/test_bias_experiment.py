@@ -162,3 +162,19 @@ def test_gpu_jobs_go_to_the_gpus_round_robin(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 3)
     assert bx.devices_for('cuda', 5) == ['cuda:0', 'cuda:1', 'cuda:2', 'cuda:0', 'cuda:1']
     assert bx.devices_for('cpu', 2) == ['cpu', 'cpu']
+
+
+def test_report_only_rewrites_the_table_from_the_json_without_running(smoke, monkeypatch):
+    out, _ = smoke
+    before = _result(out)['records']
+    (out / 'bias_experiment.md').write_text('stale')
+    monkeypatch.setattr(bx, 'train_once', lambda *a, **k: (_ for _ in ()).throw(AssertionError('ran train.py')))
+    assert bx.main(['--profile', 'smoke', '--out', str(out), '--report-only']) == 0
+    assert '| patch_r0.8 |' in (out / 'bias_experiment.md').read_text()
+    assert _result(out)['records'] == before
+
+
+def test_cells_with_only_their_step0_record_are_left_out_of_the_last_step_table():
+    rows = [{'cell': 'a', 'seed': 0, 'steps': 0}, {'cell': 'b', 'seed': 0, 'steps': 0},
+            {'cell': 'b', 'seed': 0, 'steps': 50}]
+    assert list(bx.last_records(rows)) == [('b', 0)]

@@ -423,9 +423,12 @@ def paired_difference(values: Sequence[float], reference: Sequence[float]) -> Op
 
 
 def last_records(records: List[dict]) -> Dict[Tuple[str, int], dict]:
-    """{(cell, seed): the record of the run's last evaluation}."""
+    """{(cell, seed): the record of the run's last evaluation}, for the runs that trained (a run's records
+    are written when it finishes; a cell with only its step-0 record has not run yet and is left out)."""
     out: Dict[Tuple[str, int], dict] = {}
     for r in records:
+        if r['steps'] == 0:
+            continue
         key = (r['cell'], r['seed'])
         if key not in out or r['steps'] > out[key]['steps']:
             out[key] = r
@@ -819,6 +822,9 @@ def parse_args(argv=None):
     p.add_argument('--seeds', type=int, nargs='+', default=None,
                    help="run only these seeds of the profile (headline and extra cells); the json collects them")
     p.add_argument('--jobs', type=int, default=None, help="train.py processes at once (default: the profile's)")
+    p.add_argument('--report-only', action='store_true',
+                   help='run nothing: rewrite the table and plots of --out from its json (e.g. after a code change '
+                        'of the report, or to look at a partial run)')
     return p.parse_args(argv)
 
 
@@ -840,6 +846,18 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out) if args.out else REPO / 'docs' / 'results'
     work = Path(args.work) if args.work else REPO / 'output' / 'bias_experiment' / profile.name
+    if args.report_only:
+        try:
+            prev = load_previous(out, protocol_of(profile))
+        except ValueError as e:
+            print(f'bias_experiment: {e}', file=sys.stderr)
+            return 2
+        if not prev:
+            print(f'bias_experiment: --report-only: no {out}/bias_experiment.json', file=sys.stderr)
+            return 2
+        write_results(PROFILES[args.profile], out, prev['device'], prev['amp'], prev['commit'], prev['records'],
+                      prev['strength'], prev['stage1_learning_curve'])
+        return 0
     try:
         run(profile, out, work, args.device or profile.device, args.amp, full=replace(PROFILES[args.profile],
                                                                                      jobs=profile.jobs))
