@@ -778,7 +778,7 @@ def run(profile: Profile, out: Path, work: Path, device: str, amp: bool, log=pri
 
 
 def write_results(profile: Profile, out: Path, device: str, amp: bool, commit: str, records: List[dict],
-                  strength: dict, curves: dict, log=print) -> dict:
+                  strength: dict, curves: dict, log=print, command: Optional[str] = None) -> dict:
     """bias_experiment.json / .md / .png and bias_time_course.png from the records so far."""
     cells = [c.name for c in profile.cells] + [c.name for c in profile.extra_cells if c not in profile.cells]
     records = sorted(records, key=lambda r: (cells.index(r['cell']) if r['cell'] in cells else 99, r['seed'],
@@ -788,7 +788,7 @@ def write_results(profile: Profile, out: Path, device: str, amp: bool, commit: s
     finished = {(r['cell'], r['seed']) for r in records if r['steps'] > 0}
     result = {'protocol': protocol_of(profile), 'device': device, 'amp': amp, 'date': time.strftime('%Y-%m-%d'),
               'commit': commit, 'commits': sorted({r['commit'] for r in records}),
-              'command': 'python tools/bias_experiment.py ' + ' '.join(sys.argv[1:]),
+              'command': command or 'python tools/bias_experiment.py ' + ' '.join(sys.argv[1:]),
               'complete': planned <= finished,
               'missing_runs': sorted(f'{c}_seed{s}' for c, s in planned - finished),
               'stage1_learning_curve': curves, 'strength': strength, 'target_stats': target_stats(records),
@@ -856,7 +856,8 @@ def main(argv=None) -> int:
             print(f'bias_experiment: --report-only: no {out}/bias_experiment.json', file=sys.stderr)
             return 2
         write_results(PROFILES[args.profile], out, prev['device'], prev['amp'], prev['commit'], prev['records'],
-                      prev['strength'], prev['stage1_learning_curve'])
+                      prev['strength'], prev['stage1_learning_curve'],
+                      command=prev['command'].split(' (report')[0] + ' (report rewritten with --report-only)')
         return 0
     try:
         run(profile, out, work, args.device or profile.device, args.amp, full=replace(PROFILES[args.profile],
