@@ -1,4 +1,4 @@
-"""Slow per-box loop reference of the CASS maths (/work/shared/CASS_SPEC.md), written from the spec only.
+"""Slow per-box loop reference of the CASS maths (docs/cass_maths.md), written from the spec only.
 
 Used by tests/test_cass.py and bench/cass_loss_bench.py, never by training code. Two levels:
 - `box_mask_scalar`: plain Python floats, one loop over patches (the most literal reading of the spec);

@@ -1,4 +1,4 @@
-"""CASS (Context-Aware Soft Supervision): the public API of the maths of /work/shared/CASS_SPEC.md.
+"""CASS (Context-Aware Soft Supervision): the public API of the maths of docs/cass_maths.md.
 
 The code lives in three modules of pure, vectorised functions (shape docstrings there):
 - `cass_targets`: `CASSConfig`, the patch geometry, per-box soft masks M_i [N, P], merged target Y [B, P];

@@ -1,6 +1,6 @@
 """CASS losses: the per-patch loss l(z, y) (one definition per loss type) and the five normalisations.
 
-Maths: /work/shared/CASS_SPEC.md and docs/cass_maths.md. Shapes: logits z [B, P] (sigmoid applied only here),
+Maths: docs/cass_maths.md. Shapes: logits z [B, P] (sigmoid applied only here),
 per-box masks [N, P] from `cass_targets.soft_target_masks`, merged target Y [B, P]. No Python loop over
 boxes or images, no `.item()`.
 

@@ -1,6 +1,6 @@
 """CASS diagnostics and keep-bias metrics (no gradient): where the loss sits, and which boxes the pruner keeps.
 
-Maths: /work/shared/CASS_SPEC.md ("Diagnostics"). `keep_bias_stats` returns sums and counts per call (one
+Maths: docs/cass_maths.md ("Diagnostics"). `keep_bias_stats` returns sums and counts per call (one
 pruned level of one batch) to accumulate over an eval set; `finalize_keep_bias` turns them into ratios.
 """
 import math

@@ -1,4 +1,4 @@
-"""CASS targets: the config, the patch geometry and the per-box soft masks of /work/shared/CASS_SPEC.md.
+"""CASS targets: the config, the patch geometry and the per-box soft masks of docs/cass_maths.md.
 
 The DSET pruner predicts one importance logit per patch; CASS supervises those logits with a soft mask built
 from the ground-truth boxes. Everything here is a pure function of tensors. The losses live in `cass_losses.py`, the keep-bias metrics in

@@ -108,7 +108,7 @@ def dset_losses(outputs: dict, targets: List[dict], img_shape, dset: dict, epoch
 
 @torch.no_grad()
 def cass_diagnostics(outputs: dict, targets: List[dict], img_shape, dset: dict) -> Dict[str, Tensor]:
-    """CASS_SPEC spatial statistics averaged over pruned levels: ``cass/top_left_loss`` etc."""
+    """CASS spatial statistics averaged over pruned levels: ``cass/top_left_loss`` etc."""
     infos = outputs.get("dset_prune_info") or []
     if not infos:
         return {}

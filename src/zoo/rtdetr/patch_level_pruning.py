@@ -16,7 +16,7 @@ written as ``x + x * (s - stopgrad(s))`` so the forward values are bit-identical
 while the detection loss sends ``dL/ds = <dL/dx, x>`` to the importance predictor. Without autograd (inference,
 export) the gate is skipped: it changes no value.
 
-The CASS loss supervising the patch logits lives in ``cass.py`` (maths in /work/shared/CASS_SPEC.md);
+The CASS loss supervising the patch logits lives in ``cass.py`` (maths in docs/cass_maths.md);
 the seeds' method names are kept here as thin wrappers.
 """
 from __future__ import annotations
@@ -189,7 +189,7 @@ class PatchLevelPruner(nn.Module):
     def generate_soft_target_mask(self, gt_bboxes: List[Tensor], feat_shape, img_shape, device,
                                   expansion_ratio: Optional[float] = None, min_size: Optional[float] = None,
                                   decay_type: Optional[str] = None) -> Tensor:
-        """Soft target Y [B, P] (CASS_SPEC step 6); the optional arguments override the configured ones.
+        """Soft target Y [B, P] (docs/cass_maths.md); the optional arguments override the configured ones.
 
         gt_bboxes: list of [N_b, 4] absolute x1y1x2y2 pixels of the padded input of size img_shape (H, W).
         """
@@ -216,7 +216,7 @@ class PatchLevelPruner(nn.Module):
 
     def compute_cass_loss_object_normalized(self, pred_scores: Tensor, gt_bboxes: List[Tensor], feat_shape,
                                             img_shape) -> Tensor:
-        """The 'object' normalisation (CASS_SPEC) of logits pred_scores [B, P]; scalar."""
+        """The 'object' normalisation (docs/cass_maths.md) of logits pred_scores [B, P]; scalar."""
         return cass.cass_loss_object(pred_scores, gt_bboxes, tuple(feat_shape), tuple(img_shape),
                                      self.patch_size, self.cass_config)
 
@@ -237,7 +237,7 @@ class PatchLevelPruner(nn.Module):
                               self.patch_size, self.cass_config)
 
     def _compute_patch_area_weight(self, gt_bboxes: List[Tensor], feat_shape, img_shape, device) -> Tensor:
-        """a_p [B, P] (CASS_SPEC 'area_patch'): normalised area of the largest box covering the patch."""
+        """a_p [B, P] (docs/cass_maths.md, area_patch): normalised area of the largest box covering the patch."""
         boxes = [b.to(device) for b in gt_bboxes]
         return cass.patch_area_weight(boxes, tuple(feat_shape), tuple(img_shape), self.patch_size,
                                       self.cass_config)
