@@ -210,10 +210,14 @@ class CocoDetection(Dataset):
         order = np.argsort(img_idx[keep], kind="stable")
         self._boxes = clipped[keep][order].astype(np.float32)
         self._labels = labels[keep][order]
-        self._category_of_box = np.array([a["category_id"] for a in anns], dtype=np.int64).reshape(n)[keep][order]
+        self._category_of_box = np.asarray(self.category_ids, dtype=np.int64)[self._labels]  # the json's own labels
         self._area = area[keep][order].astype(np.float32)
         counts = np.bincount(img_idx[keep], minlength=len(self.image_infos))
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def boxes_per_image(self) -> np.ndarray:
+        """[len(self)] number of training-target boxes of each image (after the clean-up)."""
+        return np.diff(self._offsets)
 
     def use_classes(self, classes: ClassList) -> ClassMatch:
         """Label this json's boxes with the training classes, matched by name (`src.data.classes`).
@@ -230,7 +234,7 @@ class CocoDetection(Dataset):
             lut[self.category_ids.index(cid)] = label
         labels = lut[np.searchsorted(ids, self._category_of_box)] if len(self._category_of_box) else self._labels
         keep = labels >= 0
-        image_of_box = np.repeat(np.arange(len(self.image_infos)), np.diff(self._offsets))
+        image_of_box = np.repeat(np.arange(len(self.image_infos)), self.boxes_per_image())
         self._boxes, self._labels = self._boxes[keep], labels[keep]
         self._area, self._category_of_box = self._area[keep], self._category_of_box[keep]
         counts = np.bincount(image_of_box[keep], minlength=len(self.image_infos))

@@ -132,17 +132,17 @@ def check_boxes_survive_transforms(dataset, where: str, sample: int = 8) -> None
     """Run the training transforms on up to `sample` images that have boxes (evenly spread, a fixed choice):
     if every one of them loses all its boxes, training would run on empty targets. An error naming the
     images, before the first step."""
-    offsets = getattr(dataset, "_offsets", None)
-    if offsets is None or getattr(dataset, "transforms", None) is None:
+    if not hasattr(dataset, "boxes_per_image") or getattr(dataset, "transforms", None) is None:
         return
-    with_boxes = np.flatnonzero(np.diff(offsets) > 0)
+    counts = dataset.boxes_per_image()
+    with_boxes = np.flatnonzero(counts > 0)
     if len(with_boxes) == 0:
         return
     picked = with_boxes[np.linspace(0, len(with_boxes) - 1, min(sample, len(with_boxes))).round().astype(int)]
     picked = sorted(set(picked.tolist()))
     lost = []
     for i in picked:
-        before = int(offsets[i + 1] - offsets[i])
+        before = int(counts[i])
         with rng_preserved():   # random transforms must not change the run's random stream
             after = len(dataset[i][1]["boxes"])
         if after > 0:
