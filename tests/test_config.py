@@ -1,4 +1,5 @@
 """Config composition, overrides and validation errors (issue 'pipeline', 'reliability')."""
+import dataclasses
 import json
 import os
 import textwrap
@@ -8,6 +9,7 @@ import torch
 
 from src.core import ConfigError, YAMLConfig
 from src.core.yaml_utils import load_yaml_config, parse_overrides
+from src.zoo.rtdetr import cass
 from src.zoo.rtdetr.dset_config import DSET_KEYS, validate_dset
 
 
@@ -126,7 +128,10 @@ def test_dset_unknown_key_lists_the_valid_ones():
 
 def test_dset_defaults_are_filled_and_disabled_section_means_off():
     full = validate_dset({"keep_ratio": 0.5})
-    assert set(full) == set(DSET_KEYS) and full["keep_ratio"] == 0.5
+    assert set(full.values) == set(DSET_KEYS) and full.pruner.keep_ratio == 0.5 and full.values["keep_ratio"] == 0.5
+    assert full.cass.target == cass.CASSConfig()  # every cass_* default is the CASSConfig default
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        full.pruner.keep_ratio = 0.9
     assert validate_dset({"enabled": False}) is None
     assert validate_dset(None) is None
 

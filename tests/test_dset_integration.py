@@ -4,7 +4,7 @@ import torch
 
 from src.zoo.rtdetr import cass
 from src.zoo.rtdetr.dset_config import validate_dset
-from src.zoo.rtdetr.dset_losses import cass_weight, dset_losses, targets_to_abs_xyxy
+from src.zoo.rtdetr.dset_losses import targets_to_abs_xyxy
 from src.zoo.rtdetr.hybrid_encoder import HybridEncoder
 from src.zoo.rtdetr.moe import MoEFFN
 
@@ -83,30 +83,22 @@ def test_moe_replaces_ffns_in_encoder_and_decoder_when_configured():
     assert sd["encoder.encoder.0.layers.0.moe.w1"].shape == (4, 1024, 256)
 
 
-def test_dset_losses_include_weighted_cass_and_both_balance_terms():
+def test_the_pruner_learns_from_cass_even_while_pruning_is_warming_up():
     from src.core import YAMLConfig
 
     torch.manual_seed(0)
     cfg = YAMLConfig("configs/dset4_r18_synth_cpu.yaml", overrides=["input_size=[128, 128]"])
     model = cfg.model.train()
-    images = torch.rand(2, 3, 128, 128)
+    model.encoder.pruners[0].set_epoch(0)
+    model.encoder.pruners[1].set_epoch(0)   # token_pruning_warmup_epochs 1: nothing pruned at epoch 0
     targets = [{"labels": torch.tensor([0, 3]), "boxes": torch.tensor([[0.2, 0.2, 0.1, 0.1], [0.7, 0.8, 0.4, 0.3]])},
                {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}]
-    outputs = model(images, targets)
-    losses = dset_losses(outputs, targets, (128, 128), cfg.dset, epoch=0, model=model)
-    assert set(losses) == {"loss_cass", "loss_moe_balance_encoder", "loss_moe_balance_decoder"}
-    infos = outputs["dset_prune_info"]
-    gt = targets_to_abs_xyxy(targets, (128, 128))
-    ccfg = cass.CASSConfig(expansion_ratio=0.8, min_size=2.0, normalization="patch")
-    expected = torch.stack([cass.cass_loss(i["patch_importance_scores"], gt, i["feat_shape"], (128, 128), 2, ccfg)
-                            for i in infos]).mean() * 0.05
-    torch.testing.assert_close(losses["loss_cass"], expected)
-    # the pruner's importance predictor learns from CASS even while pruning is warming up
+    outputs = model(torch.rand(2, 3, 128, 128), targets)
+    assert [info["pruned"] for info in outputs["dset_prune_info"]] == [False, False]
+    losses = cfg.criterion(outputs, targets, epoch=0)
     grads = torch.autograd.grad(losses["loss_cass"], [p for n, p in model.named_parameters()
                                                      if "importance_predictor" in n])
     assert all(g.abs().sum() > 0 for g in grads)
-    for key in ("loss_moe_balance_encoder", "loss_moe_balance_decoder"):
-        assert torch.isfinite(losses[key]) and losses[key] > 0
 
 
 def test_targets_convert_to_absolute_pixels_of_the_padded_input():
@@ -117,4 +109,4 @@ def test_targets_convert_to_absolute_pixels_of_the_padded_input():
 @pytest.mark.parametrize("epoch,warm,expected", [(0, 0, 0.05), (0, 4, 0.0), (2, 4, 0.025), (9, 4, 0.05)])
 def test_cass_weight_ramps_linearly_over_the_warmup_epochs(epoch, warm, expected):
     dset = validate_dset({"cass_loss_weight": 0.05, "cass_warmup_epochs": warm})
-    assert cass_weight(dset, epoch) == pytest.approx(expected)
+    assert dset.cass.weight_at(epoch) == pytest.approx(expected)

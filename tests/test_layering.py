@@ -68,6 +68,6 @@ def test_dset_registers_its_config_section_and_training_hook():
         dset = validate_dset({"keep_ratio": 0.5})
 
     hooks = build_hooks(Cfg())
-    assert [type(h) for h in hooks] == [DSETHook] and hooks[0].dset["keep_ratio"] == 0.5
+    assert [type(h) for h in hooks] == [DSETHook] and hooks[0].dset.pruner.keep_ratio == 0.5
     Cfg.dset = None
     assert build_hooks(Cfg()) == []

@@ -353,7 +353,6 @@ def measure_strength(profile: Profile, data_dir: Path, stage1_ckpt: Path, seed: 
     from src.data.transforms import Compose, ConvertPILImage, Resize
     from src.misc.rng import seed_everything
     from src.zoo.rtdetr import cass
-    from src.zoo.rtdetr import dset_losses as dl
     from src.zoo.rtdetr.weights import load_pretrained
 
     dset_cells = [c for c in cells if c.dset]
@@ -386,8 +385,8 @@ def measure_strength(profile: Profile, data_dir: Path, stage1_ckpt: Path, seed: 
         shapes = [info['feat_shape'] for info in infos]
         for cell in needed:
             d = settings[cell]
-            norm = cass.cass_score_gradient_norm(logits, gt, shapes, tuple(images.shape[-2:]), d['patch_size'],
-                                                 dl.cass_level_configs(d, len(infos)))
+            norm = cass.cass_score_gradient_norm(logits, gt, shapes, tuple(images.shape[-2:]), d.pruner.patch_size,
+                                                 d.cass.level_configs(len(infos)))
             norms[cell].append(float(norm))
     mean = {c: statistics.mean(v) for c, v in norms.items()}
     return {c.name: {'grad_norm': mean[c], 'reference': c.reference.name,
@@ -632,7 +631,7 @@ def mask_picture(run_dir: Path, data_dir: Path, path: Path, num_images: int = 4)
     fig, axes = plt.subplots(len(samples), len(infos), figsize=(4 * len(infos), 2.4 * len(samples)), squeeze=False)
     for j, info in enumerate(infos):
         logits = info['patch_importance_scores']
-        k = cass.keep_count(logits.shape[1], dset['keep_ratio'], dset['min_patches'])
+        k = cass.keep_count(logits.shape[1], dset.pruner.keep_ratio, dset.pruner.min_patches)
         kept = cass.top_k_mask(logits, k).reshape(-1, *info['patch_grid']).float()
         level = cass.level_name(info['feat_shape'], images.shape[-2:])
         for i, (image, _target) in enumerate(samples):

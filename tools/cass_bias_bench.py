@@ -204,8 +204,7 @@ class DetectorBenchModel(nn.Module):
     def training_loss(self, images, targets, cfg, settings, mode) -> Tuple[Tensor, Tensor]:
         """(detection losses + weighted DSET losses, unweighted CASS loss), as the trainer sums them."""
         outputs = self.detector(images, targets)
-        losses = self.criterion(outputs, targets, epoch=0)
-        losses.update(dl.dset_losses(outputs, targets, images.shape[-2:], self.config.dset, 0, self.detector))
+        losses = self.criterion(outputs, targets, epoch=0)  # DSETCriterion: detection + weighted DSET terms
         return sum(losses.values()), _cass_of_infos(outputs["dset_prune_info"], targets, images, cfg, settings)
 
 

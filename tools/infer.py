@@ -154,7 +154,7 @@ def run(args) -> dict:
                                      device=device)
     transforms, divisibility = val_pipeline(cfg)
     names, category_ids, known_ids = categories(cfg, cfg.checkpoint_classes)
-    patch_size = (cfg.dset or {}).get("patch_size")
+    patch_size = cfg.dset.pruner.patch_size if cfg.dset is not None else None
     files = list_images(args.input)[:getattr(args, "limit", None)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

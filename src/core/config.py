@@ -27,6 +27,8 @@ COMPONENT_MODULES = (
     "src.zoo.rtdetr.rtdetrv2_criterion",
     "src.zoo.rtdetr.rtdetr_postprocessor",
     "src.zoo.rtdetr.dset_config",
+    "src.zoo.rtdetr.dset_model",
+    "src.zoo.rtdetr.dset_criterion",
     "src.zoo.rtdetr.dset_hooks",
     "src.data.coco_dataset",
     "src.data.transforms",
@@ -150,6 +152,13 @@ class YAMLConfig:
                                                                                                else (n, key)))
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+            if self.sections[name] is not None:
+                for key, component in registry.section_requirements(name).items():
+                    if cfg.get(key) != component:
+                        raise ConfigError(
+                            f"{self.where((key,))}: {key} is {cfg.get(key)!r} but the {name}: section is on, which "
+                            f"needs {key}: {component} (e.g. include configs/include/{name}.yaml); "
+                            f"or turn the section off with {name}.enabled: false")
 
     def __getattr__(self, name: str):
         """``cfg.<section>``: the checked value of a registered section (e.g. ``cfg.dset``; None when off)."""
@@ -239,9 +248,12 @@ class YAMLConfig:
         for shared in getattr(cls, "__share__", []):
             if shared not in kwargs and shared in self.yaml_cfg and shared in params:
                 kwargs[shared] = copy.deepcopy(self.yaml_cfg[shared])
-        for name, value in self.sections.items():
-            if name in params and name not in kwargs:
-                kwargs[name] = value
+        for name in getattr(cls, "__sections__", []):
+            if name not in params:
+                raise TypeError(f"{cls.__name__} declares __sections__ {name!r} but its constructor has no "
+                                f"argument of that name")
+            if name not in kwargs:
+                kwargs[name] = self.sections.get(name)
         kwargs.update(extra)
         try:
             return cls(**kwargs)

@@ -1,5 +1,6 @@
-"""Training hooks: how a model family adds losses, logging, pictures and evaluation without the trainer
-naming it (detectron2's HookBase idea).
+"""Training hooks: how a model family adds logging, pictures and evaluation without the trainer naming it
+(detectron2's HookBase idea). Hooks add no loss: every loss term is the criterion's (a model family
+registers its own criterion, e.g. DSETCriterion).
 
 A model family subclasses ``TrainHook`` and registers a factory ``factory(cfg) -> list of hooks`` with
 ``register_hooks`` when its module is imported (the module is one of the config's COMPONENT_MODULES).
@@ -20,11 +21,6 @@ class TrainHook:
     def unused_parameter_reasons(self) -> List[str]:
         """Why some parameters may get no gradient in a step (DDP then needs find_unused_parameters)."""
         return []
-
-    def extra_losses(self, outputs: dict, targets: List[dict], images: Tensor, epoch: int,
-                     model: nn.Module) -> Dict[str, Tensor]:
-        """Loss terms added to the criterion's (``model`` is the unwrapped model)."""
-        return {}
 
     def step_scalars(self, outputs: dict, targets: List[dict], images: Tensor, model: nn.Module) -> Dict[str, float]:
         """Extra TensorBoard scalars of a logged step (every ``print_freq`` iterations)."""

@@ -3,7 +3,9 @@
 A registered class declares which constructor arguments are sub-components with ``__inject__``
 (a list of argument names; the config gives either the name of a registered component, whose
 top-level section supplies its arguments, or a dict with a ``type`` key plus arguments) and
-which are taken from top-level config keys with ``__share__`` (e.g. ``num_classes``).
+which are taken from top-level config keys with ``__share__`` (e.g. ``num_classes``), and which
+registered config sections it receives with ``__sections__`` (e.g. ``["dset"]``: the validated ``dset:``
+settings, or None when that section is off).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any, Callable, Dict, Tuple
 
 _REGISTRY: Dict[str, Any] = {}
 _SECTIONS: Dict[str, Tuple[Callable, str]] = {}
+_REQUIRES: Dict[str, Dict[str, str]] = {}
 
 
 def register(name: str | None = None, force: bool = False) -> Callable:
@@ -28,16 +31,25 @@ def register(name: str | None = None, force: bool = False) -> Callable:
     return deco
 
 
-def register_section(name: str, validate: Callable, doc: str):
+def register_section(name: str, validate: Callable, doc: str, requires: Dict[str, str] | None = None):
     """A top-level config section owned by a model family (e.g. ``dset``), validated by its owner.
 
     ``validate(section_or_None, where)`` returns the checked settings (or None when the feature is off) or
     raises ValueError; ``where(key)`` gives ``"<file>: <name>.<key>"`` (``key=None``: the section itself).
-    The checked value is ``cfg.<name>`` and is passed to every component whose constructor takes ``<name>``.
+    The checked value is ``cfg.<name>`` and is passed to the components that declare ``<name>`` in their
+    ``__sections__`` (and take it as a constructor argument of that name).
+    ``requires``: top-level keys and the component each must name while the section is on (e.g.
+    ``{"criterion": "DSETCriterion"}``: a DSET run whose loss left out CASS would train silently without it).
     """
     if name in _SECTIONS and _SECTIONS[name][0] is not validate:
         raise ValueError(f"config section {name!r} registered twice")
     _SECTIONS[name] = (validate, doc)
+    _REQUIRES[name] = dict(requires or {})
+
+
+def section_requirements(name: str) -> Dict[str, str]:
+    """The top-level keys a registered section needs while it is on: key -> component name."""
+    return dict(_REQUIRES.get(name, {}))
 
 
 def sections() -> Dict[str, Tuple[Callable, str]]:

@@ -1,7 +1,7 @@
 """One optimisation step of the trainer and its non-finite handling.
 
 ``train_step(trainer, images, targets, epoch, i)`` runs forward (under autocast in ``amp_dtype`` when AMP is
-on, on CUDA and CPU alike), the loss (criterion + the hooks' extra losses, in float32), the scaled backward,
+on, on CUDA and CPU alike), the loss (the criterion's terms, in float32), the scaled backward,
 unscale, clipping, and ONE all-reduce of two flags that tells every rank whether the step is bad and whether
 the float16 GradScaler overflowed; then one of three branches, the same on every rank, so none waits in a
 collective the others skip:
@@ -86,13 +86,6 @@ def nonfinite_outputs(outputs: dict) -> tuple:
     return [n for n, _ in named], flags
 
 
-def loss_dict(tr, outputs, targets, images, epoch) -> Dict[str, torch.Tensor]:
-    losses = tr.criterion(outputs, targets, epoch=epoch)
-    for hook in tr.hooks:
-        losses.update(hook.extra_losses(outputs, targets, images, epoch, dist.unwrap_model(tr.model)))
-    return losses
-
-
 def train_step(tr, images, targets, epoch: int, i: int, buffers: List[torch.Tensor], clip: float,
                max_skips: int) -> StepResult | None:
     """One step on every rank; returns None when the step was skipped (every rank skips together)."""
@@ -106,7 +99,7 @@ def train_step(tr, images, targets, epoch: int, i: int, buffers: List[torch.Tens
         _skip(tr, bad, epoch, i, max_skips, buffers, saved_buffers, unscaled=False)
         return None
     with torch.autocast(device_type=tr.device.type, enabled=False):
-        losses = loss_dict(tr, outputs, targets, images, epoch)
+        losses = tr.criterion(outputs, targets, epoch=epoch)  # every term and its weight: the criterion's
     total = sum(losses.values())
 
     tr.optimizer.zero_grad(set_to_none=True)

@@ -1,14 +1,19 @@
 """The ``dset:`` YAML section: every key, its default, its range. One source of truth for validation and docs.
 
-DSET is on when the section is present and ``enabled`` is true. Keys not listed are errors.
+DSET is on when the section is present and ``enabled`` is true. Keys not listed are errors. The section is
+validated once (``validate_dset``) into a frozen ``DSETConfig`` with a pruner, a CASS and a MoE part; the
+components that need it (the DSET criterion, the encoder's pruners and experts, the decoder's experts, the
+DSET hook) receive that object, never the raw mapping.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Tuple
+from types import MappingProxyType
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from src.core.registry import register_section
-from src.zoo.rtdetr.cass import NORMALIZATIONS
+from src.zoo.rtdetr.cass_targets import NORMALIZATIONS, CASSConfig
 
 
 @dataclass(frozen=True)
@@ -75,13 +80,103 @@ DSET_KEYS: Dict[str, Key] = {
 }
 
 PRUNER_KEYS = ("input_dim", "patch_size", "keep_ratio", "min_patches", "prune_in_eval",
-               "token_pruning_warmup_epochs", "straight_through_gate", "use_cass", "cass_expansion_ratio",
-               "cass_min_size", "cass_decay_type", "use_subpixel_offset", "cass_loss_type", "cass_focal_alpha",
-               "cass_focal_beta", "cass_normalization", "cass_bg_weight", "cass_spatial_reg")
+               "token_pruning_warmup_epochs", "straight_through_gate")
+CASS_TARGET_KEYS = {"cass_expansion_ratio": "expansion_ratio", "cass_min_size": "min_size",
+                    "cass_decay_type": "decay_type", "use_subpixel_offset": "use_subpixel_offset",
+                    "cass_loss_type": "loss_type", "cass_focal_alpha": "focal_alpha",
+                    "cass_focal_beta": "focal_beta", "cass_bg_weight": "bg_weight",
+                    "cass_spatial_reg": "spatial_reg"}  # dset key -> CASSConfig field
 
 
-def validate_dset(section: dict | None, where: str | Callable[[str | None], str] = "dset") -> dict | None:
-    """Return the full dset settings (defaults filled in) or None when DSET is off.
+@dataclass(frozen=True)
+class PrunerSettings:
+    """The PatchLevelPruner arguments (``kwargs(hidden_dim)``); ``input_dim`` None = the encoder's width."""
+    input_dim: Optional[int]
+    patch_size: int
+    keep_ratio: float
+    min_patches: int
+    prune_in_eval: bool
+    token_pruning_warmup_epochs: int
+    straight_through_gate: bool
+
+    def kwargs(self, hidden_dim: int) -> dict:
+        if self.input_dim is not None and self.input_dim != hidden_dim:
+            raise ValueError(f"dset.input_dim = {self.input_dim} must equal HybridEncoder.hidden_dim = {hidden_dim} "
+                             f"(or be null)")
+        return {**{k: getattr(self, k) for k in PRUNER_KEYS}, "input_dim": hidden_dim}
+
+
+@dataclass(frozen=True)
+class CASSSettings:
+    """Whether and how strongly CASS supervises the pruner, and its target / loss settings.
+
+    ``normalization``: one mode for every pruned level, or a tuple with one per level; ``target`` is the
+    CASSConfig of the first level's mode (the soft target itself does not depend on the mode)."""
+    enabled: bool
+    loss_weight: float
+    warmup_epochs: int
+    normalization: Union[str, Tuple[str, ...]]
+    target: CASSConfig
+
+    def ramp(self, epoch: Optional[int]) -> float:
+        """The warmup factor ``min(1, epoch / warmup_epochs)`` (1 when warmup is 0 or the epoch unknown)."""
+        warm = self.warmup_epochs
+        return 1.0 if warm == 0 or epoch is None else min(1.0, epoch / warm)
+
+    def weight_at(self, epoch: Optional[int]) -> float:
+        """``loss_weight * ramp(epoch)``: the CASS weight of an epoch."""
+        return self.loss_weight * self.ramp(epoch)
+
+    def level_configs(self, num_levels: int) -> List[CASSConfig]:
+        """One CASSConfig per pruned level (HybridEncoder.use_encoder_idx order). Raises ValueError when a
+        per-level list does not have ``num_levels`` entries."""
+        return [dataclasses.replace(self.target, normalization=m)
+                for m in level_normalizations(self.normalization, num_levels)]
+
+
+@dataclass(frozen=True)
+class MoESettings:
+    """Mixture-of-experts FFNs: decoder (``num_experts``, ...) and encoder AIFI (``encoder_*``); 0 = dense."""
+    num_experts: int
+    top_k: int
+    noise_std: float
+    balance_weight: float
+    encoder_num_experts: int
+    encoder_top_k: int
+    encoder_balance_weight: float
+
+
+@dataclass(frozen=True)
+class DSETConfig:
+    """The validated ``dset:`` section, built once by ``validate_dset`` and handed to the components that
+    declare ``__sections__ = ["dset"]``. ``values``: every key with its value (defaults filled in), read-only,
+    for logs and tools."""
+    pruner: PrunerSettings
+    cass: CASSSettings
+    moe: MoESettings
+    vis_interval: int
+    values: Mapping[str, Any]
+
+
+def _build(out: dict) -> DSETConfig:
+    norm = out["cass_normalization"]
+    norm = norm if isinstance(norm, str) else tuple(norm)
+    target = CASSConfig(normalization=norm if isinstance(norm, str) else norm[0],
+                        **{field: out[key] for key, field in CASS_TARGET_KEYS.items()})
+    return DSETConfig(
+        pruner=PrunerSettings(**{k: out[k] for k in PRUNER_KEYS}),
+        cass=CASSSettings(enabled=out["use_cass"], loss_weight=out["cass_loss_weight"],
+                          warmup_epochs=out["cass_warmup_epochs"], normalization=norm, target=target),
+        moe=MoESettings(num_experts=out["num_experts"], top_k=out["top_k"], noise_std=out["moe_noise_std"],
+                        balance_weight=out["moe_balance_weight"], encoder_num_experts=out["encoder_moe_num_experts"],
+                        encoder_top_k=out["encoder_moe_top_k"],
+                        encoder_balance_weight=out["encoder_moe_balance_weight"]),
+        vis_interval=out["vis_interval"],
+        values=MappingProxyType({k: (tuple(v) if isinstance(v, list) else v) for k, v in out.items()}))
+
+
+def validate_dset(section: dict | None, where: str | Callable[[str | None], str] = "dset") -> DSETConfig | None:
+    """Return the frozen DSETConfig of the section (defaults filled in) or None when DSET is off.
 
     ``where``: a prefix such as ``"file.yaml: dset"``, or a function of the key name (None for the section)
     returning ``"<file that set it>: dset.<key>"``. Raises ValueError naming the key, the bad value and the
@@ -114,7 +209,7 @@ def validate_dset(section: dict | None, where: str | Callable[[str | None], str]
                          f"dset.encoder_moe_num_experts = {out['encoder_moe_num_experts']}")
     if not out["enabled"]:
         return None
-    return out
+    return _build(out)
 
 
 def level_normalizations(value, num_levels: int) -> List[str]:
@@ -129,7 +224,8 @@ def level_normalizations(value, num_levels: int) -> List[str]:
     return list(value)
 
 
-register_section("dset", validate_dset, "DSET settings (pruner, MoE, CASS); see docs/dset.md")
+register_section("dset", validate_dset, "DSET settings (pruner, MoE, CASS); see docs/dset.md",
+                 requires={"model": "DSETRTDETR", "criterion": "DSETCriterion"})
 
 
 def dset_table_markdown() -> str:

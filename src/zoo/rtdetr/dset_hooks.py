@@ -1,9 +1,9 @@
-"""What DSET adds to the training loop, as a training hook (src/core/hooks.py): its losses (CASS, MoE
-balance), its TensorBoard scalars (``dset/*``, ``cass/*``, ``moe/*``), the CASS mask pictures
+"""What DSET adds to the training loop, as a training hook (src/core/hooks.py): its TensorBoard scalars (``dset/*``, ``cass/*``, ``moe/*``), the CASS mask pictures
 (``cass/mask_level{L}``) and the keep-bias evaluation (``dset_bias`` in the eval stats, ``eval_bias/*``).
 
-Registered when this module is imported (it is one of the config's COMPONENT_MODULES); the trainer never
-names DSET.
+It adds no loss: every loss term (CASS, MoE balance) is owned by ``DSETCriterion``. Everything is read from
+the model's output dict (``dset_losses`` names its keys). Registered when this module is imported (it is
+one of the config's COMPONENT_MODULES); the trainer never names DSET.
 """
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ from src.core.hooks import TrainHook, register_hooks
 from src.misc.visualize import figure_to_array, mask_panels_figure, patch_map_to_image, patch_rects
 from src.zoo.rtdetr import cass
 from src.zoo.rtdetr import dset_losses as dl
+from src.zoo.rtdetr.dset_config import DSETConfig
 
 BIAS_GROUPS = ("small", "medium", "large", "far", "near")
 
 
 @torch.no_grad()
-def cass_mask_figure(image: Tensor, gt_xyxy: Tensor, info: dict, dset: dict, title: str = ""):
+def cass_mask_figure(image: Tensor, gt_xyxy: Tensor, info: dict, dset: DSETConfig, title: str = ""):
     """The CASS picture of one image: three titled panels (target mask, predicted keep probability, kept
     top-K) with a colour bar, the GT boxes on every panel and the kept patches outlined.
 
@@ -31,11 +32,11 @@ def cass_mask_figure(image: Tensor, gt_xyxy: Tensor, info: dict, dset: dict, tit
     """
     H, W = image.shape[-2:]
     h, w = info["feat_shape"]
-    k = dset["patch_size"]
+    k = dset.pruner.patch_size
     grid = cass.patch_grid((h, w), k)
     patch_px = (k * H / h, k * W / w)
     # the soft target does not depend on the normalisation (one mode or a per-level list): any mode gives it
-    target = cass.generate_soft_target_mask([gt_xyxy], (h, w), (H, W), k, dl.cass_config_from_dset(dset, "patch"))[0]
+    target = cass.generate_soft_target_mask([gt_xyxy], (h, w), (H, W), k, dset.cass.target)[0]
     q = info["patch_importance_scores"][0].detach().float().sigmoid()
     kept = patch_rects(info["kept_patch_idx"][0].cpu(), grid, patch_px, (H, W))
     fig = mask_panels_figure(image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy(), gt_xyxy.cpu(),
@@ -47,7 +48,7 @@ def cass_mask_figure(image: Tensor, gt_xyxy: Tensor, info: dict, dset: dict, tit
 
 
 class DSETHook(TrainHook):
-    def __init__(self, dset: dict):
+    def __init__(self, dset: DSETConfig):
         self.dset = dset
 
     def unused_parameter_reasons(self) -> List[str]:
@@ -62,16 +63,13 @@ class DSETHook(TrainHook):
         Without CASS, a level so small that every patch is kept anyway (P <= min_patches) leaves it unused
         too: set ``find_unused_parameters: true`` for such tiny inputs.
         """
-        d = self.dset
-        if d["use_cass"]:
+        p = self.dset.pruner
+        if self.dset.cass.enabled:
             return []
-        if d["straight_through_gate"] and d["token_pruning_warmup_epochs"] == 0 and d["keep_ratio"] < 1:
+        if p.straight_through_gate and p.token_pruning_warmup_epochs == 0 and p.keep_ratio < 1:
             return []
         return ["DSET token pruner without CASS: its scorer gets a gradient only through the straight-through gate "
                 "in steps that prune (not during token_pruning_warmup_epochs, with keep_ratio 1 or the gate off)"]
-
-    def extra_losses(self, outputs, targets, images, epoch, model) -> Dict[str, Tensor]:
-        return dl.dset_losses(outputs, targets, images.shape[-2:], self.dset, epoch, model)
 
     def step_scalars(self, outputs, targets, images, model) -> Dict[str, float]:
         out = {}
@@ -79,14 +77,15 @@ class DSETHook(TrainHook):
         if infos:
             out["dset/keep_ratio"] = sum(float(x["keep_ratio"]) for x in infos) / len(infos)
             out["dset/kept_tokens"] = sum(float(x["num_kept_tokens"]) for x in infos)
-            if self.dset["use_cass"]:
-                out.update(dl.cass_diagnostics(outputs, targets, images.shape[-2:], self.dset))
-        for k, v in dl.expert_usage(model).items():
+            if self.dset.cass.enabled:
+                out.update(dl.cass_diagnostics(outputs, targets, self.dset.pruner.patch_size,
+                                               self.dset.cass.level_configs(len(infos))))
+        for k, v in dl.expert_usage(outputs).items():
             out[f"moe/{k}"] = v
         return out
 
     def after_step(self, trainer, outputs, targets, images):
-        interval = self.dset["vis_interval"]
+        interval = self.dset.vis_interval
         if not (interval and trainer.global_step % interval == 0 and trainer.is_main):
             return
         infos = outputs.get("dset_prune_info") or []
@@ -108,16 +107,17 @@ class DSETHook(TrainHook):
         gt = dl.targets_to_abs_xyxy(targets, img_shape)
         # val halves by image id parity (plain ints, no device sync): a mode chosen on half0 is reported on half1
         halves = [[i for i, t in enumerate(targets) if int(t["image_id"]) % 2 == h] for h in (0, 1)]
-        for cfg, info in zip(dl.cass_level_configs(self.dset, len(infos)), infos):
+        p = self.dset.pruner
+        for cfg, info in zip(self.dset.cass.level_configs(len(infos)), infos):
             logits = info["patch_importance_scores"]
-            args = (info["feat_shape"], img_shape, self.dset["patch_size"], self.dset["keep_ratio"], cfg)
-            stats = cass.keep_bias_stats(logits, gt, *args, min_patches=self.dset["min_patches"],
+            args = (info["feat_shape"], img_shape, p.patch_size, p.keep_ratio, cfg)
+            stats = cass.keep_bias_stats(logits, gt, *args, min_patches=p.min_patches,
                                          level=cass.level_name(info["feat_shape"], img_shape))
             for h, rows in enumerate(halves):
                 if rows:
                     tag = f"half{h}"
                     half = cass.keep_bias_stats(logits[rows], [gt[i] for i in rows], *args,
-                                                min_patches=self.dset["min_patches"], level=tag)
+                                                min_patches=p.min_patches, level=tag)
                     stats.update({k: v for k, v in half.items() if k.startswith(tag + cass.LEVEL_SEP)})
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0) + v.detach().double()

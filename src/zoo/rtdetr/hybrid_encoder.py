@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from src.core.registry import register
-from src.zoo.rtdetr.dset_config import PRUNER_KEYS, level_normalizations
 from src.zoo.rtdetr.moe import replace_ffn_with_moe
 from src.zoo.rtdetr.patch_level_pruning import PatchLevelPruner
 from src.nn.backbone.common import ConvNormLayer, get_activation
@@ -163,7 +162,7 @@ class HybridEncoder(nn.Module):
         version: only 'v2' (input_proj keys ``input_proj.{i}.conv`` / ``.norm``).
         pe_token_order: 'rtdetr' (published code, default) or 'row_major'; identical on square maps,
             see ``src/zoo/rtdetr/position_embedding.py`` for non-square inputs.
-        dset: validated ``dset:`` settings (src/zoo/rtdetr/dset_config.py) or None. When set, every level in
+        dset: the validated ``dset:`` settings (``dset_config.DSETConfig``) or None. When set, every level in
             use_encoder_idx gets a PatchLevelPruner before its attention (kept tokens attend among
             themselves with their gathered position embeddings, then are scattered back over the level's
             projected map: pruned cells keep their projected features), and, with
@@ -174,13 +173,14 @@ class HybridEncoder(nn.Module):
     """
 
     __share__ = ["eval_spatial_size"]
+    __sections__ = ["dset"]
 
     def __init__(self, in_channels: Sequence[int] = (512, 1024, 2048), feat_strides: Sequence[int] = (8, 16, 32),
                  hidden_dim: int = 256, nhead: int = 8, dim_feedforward: int = 1024, dropout: float = 0.0,
                  enc_act: str = "gelu", use_encoder_idx: Sequence[int] = (2,), num_encoder_layers: int = 1,
                  pe_temperature: float = 10000, expansion: float = 1.0, depth_mult: float = 1.0,
                  act: str = "silu", eval_spatial_size: Optional[Sequence[int]] = None, version: str = "v2",
-                 pe_token_order: str = "rtdetr", dset: Optional[dict] = None):
+                 pe_token_order: str = "rtdetr", dset: Optional[Any] = None):
         super().__init__()
         if version != "v2":
             raise ValueError(f"HybridEncoder: version={version!r} is not supported; only 'v2' (the RT-DETRv2 "
@@ -221,18 +221,13 @@ class HybridEncoder(nn.Module):
         self.pruners = None
         self.last_prune_info: List[dict] = []
         if dset is not None:
-            kwargs = {k: dset[k] for k in PRUNER_KEYS}
-            kwargs["input_dim"] = kwargs["input_dim"] or hidden_dim
-            if kwargs["input_dim"] != hidden_dim:
-                raise ValueError(f"dset.input_dim = {kwargs['input_dim']} must equal HybridEncoder.hidden_dim "
-                                 f"= {hidden_dim} (or be null)")
-            modes = level_normalizations(dset["cass_normalization"], len(self.use_encoder_idx))
-            self.pruners = nn.ModuleList(PatchLevelPruner(**{**kwargs, "cass_normalization": mode}) for mode in modes)
-            if dset["encoder_moe_num_experts"] > 0:
+            pruner_kwargs = dset.pruner.kwargs(hidden_dim)
+            self.pruners = nn.ModuleList(PatchLevelPruner(**pruner_kwargs) for _ in self.use_encoder_idx)
+            if dset.moe.encoder_num_experts > 0:
                 for enc in self.encoder:
                     for layer in enc.layers:
-                        replace_ffn_with_moe(layer, dset["encoder_moe_num_experts"], dset["encoder_moe_top_k"],
-                                             dset["moe_noise_std"], enc_act)
+                        replace_ffn_with_moe(layer, dset.moe.encoder_num_experts, dset.moe.encoder_top_k,
+                                             dset.moe.noise_std, enc_act)
 
         num_blocks = round(3 * depth_mult)
         num_fusions = len(in_channels) - 1

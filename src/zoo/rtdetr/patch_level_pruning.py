@@ -16,15 +16,14 @@ written as ``x + x * (s - stopgrad(s))`` so the forward values are bit-identical
 while the detection loss sends ``dL/ds = <dL/dx, x>`` to the importance predictor. Without autograd (inference,
 export) the gate is skipped: it changes no value.
 
-The CASS loss supervising the patch logits lives in ``cass.py`` (maths in docs/cass_maths.md);
-the seeds' method names are kept here as thin wrappers.
+The pruner knows nothing of CASS: the loss supervising its patch logits is computed by ``DSETCriterion`` from
+the output dict (``cass.py``, maths in docs/cass_maths.md). The seeds' names for the CASS functions are kept
+at the end of this module as aliases of the functions training calls.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -102,10 +101,7 @@ class PatchLevelPruner(nn.Module):
 
     def __init__(self, input_dim: int = 256, patch_size: int = 4, keep_ratio: float = 0.3, min_patches: int = 1,
                  prune_in_eval: bool = True, token_pruning_warmup_epochs: int = 0,
-                 straight_through_gate: bool = True, use_cass: bool = True, cass_expansion_ratio: float = 0.8,
-                 cass_min_size: float = 2.0, cass_decay_type: str = "gaussian", use_subpixel_offset: bool = True,
-                 cass_loss_type: str = "focal", cass_focal_alpha: float = 2.0, cass_focal_beta: float = 4.0,
-                 cass_normalization: str = "patch", cass_bg_weight: float = 1.0, cass_spatial_reg: float = 0.0):
+                 straight_through_gate: bool = True):
         super().__init__()
         _check(isinstance(input_dim, int) and input_dim >= 4, "input_dim", input_dim,
                "an integer >= 4 (the predictor's hidden width is input_dim // 4)")
@@ -117,19 +113,9 @@ class PatchLevelPruner(nn.Module):
         self.input_dim, self.patch_size, self.keep_ratio = input_dim, patch_size, float(keep_ratio)
         self.min_patches, self.prune_in_eval = min_patches, prune_in_eval
         self.token_pruning_warmup_epochs = token_pruning_warmup_epochs
-        self.straight_through_gate, self.use_cass = straight_through_gate, use_cass
-        try:  # CASSConfig validates the cass_* values (choices, finite and >= 0) naming the dset key
-            self._cass_config = cass.CASSConfig(
-                expansion_ratio=cass_expansion_ratio, min_size=cass_min_size,
-                decay_type=cass_decay_type, use_subpixel_offset=use_subpixel_offset, loss_type=cass_loss_type,
-                focal_alpha=cass_focal_alpha, focal_beta=cass_focal_beta,
-                normalization=cass_normalization, bg_weight=cass_bg_weight,
-                spatial_reg=cass_spatial_reg)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"PatchLevelPruner (dset.cass_* keys): {err}") from err
+        self.straight_through_gate = straight_through_gate
         self.importance_predictor = MLP(input_dim, input_dim // 4, 1, 2)
         self.epoch: Optional[int] = None
-        self._last_patch_grid: Optional[Tuple[int, int]] = None
 
     # ---------------------------------------------------------------- schedule
     def set_epoch(self, epoch: int):
@@ -144,10 +130,6 @@ class PatchLevelPruner(nn.Module):
         progress = min(1.0, max(0.0, (self.epoch - warm) / warm))
         return 1.0 - (1.0 - self.keep_ratio) * progress
 
-    @property
-    def cass_config(self) -> cass.CASSConfig:
-        return self._cass_config
-
     # ---------------------------------------------------------------- forward
     def forward(self, tokens: Tensor, spatial_shape: Sequence[int]):
         h, w = int(spatial_shape[0]), int(spatial_shape[1])
@@ -160,7 +142,6 @@ class PatchLevelPruner(nn.Module):
         patch_logits = patch_mean_logits(token_logits, (h, w), self.patch_size)
         grid = cass.patch_grid((h, w), self.patch_size)
         num_patches = int(grid[0]) * int(grid[1])  # a Python int (also under tracing: a graph constant)
-        self._last_patch_grid = tuple(grid)
 
         ratio = self.current_keep_ratio if (self.training or self.prune_in_eval) else 1.0
         n_keep = cass.keep_count(num_patches, ratio, self.min_patches)   # same rule as the keep-recall oracle
@@ -185,85 +166,6 @@ class PatchLevelPruner(nn.Module):
                     kept_valid=kept_valid)
         return kept, kept_idx, info
 
-    # ---------------------------------------------------------------- CASS (seeds' API, delegates to cass.py)
-    def generate_soft_target_mask(self, gt_bboxes: List[Tensor], feat_shape, img_shape, device,
-                                  expansion_ratio: Optional[float] = None, min_size: Optional[float] = None,
-                                  decay_type: Optional[str] = None) -> Tensor:
-        """Soft target Y [B, P] (docs/cass_maths.md); the optional arguments override the configured ones.
-
-        gt_bboxes: list of [N_b, 4] absolute x1y1x2y2 pixels of the padded input of size img_shape (H, W).
-        """
-        overrides = {k: v for k, v in (("expansion_ratio", expansion_ratio), ("min_size", min_size),
-                                       ("decay_type", decay_type)) if v is not None}
-        cfg = dataclasses.replace(self.cass_config, **overrides) if overrides else self.cass_config
-        boxes = [b.to(device) for b in gt_bboxes]
-        return cass.generate_soft_target_mask(boxes, tuple(feat_shape), tuple(img_shape), self.patch_size, cfg)
-
-    def compute_cass_loss(self, pred_scores: Tensor, target_mask: Tensor, reduction: str = "mean") -> Tensor:
-        """Per-patch CASS loss of logits pred_scores [B, P] against a given target [B, P] ('patch' mode).
-
-        reduction: 'mean' (scalar, the 'patch' normalisation without the spatial term), 'sum', or
-        'none' ([B, P]).
-        """
-        loss = cass.per_patch_loss(pred_scores, target_mask, self.cass_config)
-        if reduction == "none":
-            return loss
-        if reduction == "sum":
-            return loss.sum()
-        if reduction == "mean":
-            return loss.mean()
-        raise ValueError(f"compute_cass_loss: reduction={reduction!r}, use 'mean', 'sum' or 'none'")
-
-    def compute_cass_loss_object_normalized(self, pred_scores: Tensor, gt_bboxes: List[Tensor], feat_shape,
-                                            img_shape) -> Tensor:
-        """The 'object' normalisation (docs/cass_maths.md) of logits pred_scores [B, P]; scalar."""
-        return cass.cass_loss_object(pred_scores, gt_bboxes, tuple(feat_shape), tuple(img_shape),
-                                     self.patch_size, self.cass_config)
-
-    def compute_cass_loss_from_info(self, info: dict, gt_bboxes: List[Tensor], feat_shape=None,
-                                    img_shape=None) -> Tensor:
-        """CASS loss of a forward's ``info`` with the configured ``cass_normalization``; scalar.
-
-        feat_shape defaults to ``info['feat_shape']``; img_shape (H, W) of the padded input is required.
-        """
-        if img_shape is None:
-            raise ValueError("compute_cass_loss_from_info: img_shape (H, W) of the padded input batch is required")
-        feat_shape = tuple(info["feat_shape"] if feat_shape is None else feat_shape)
-        grid = tuple(cass.patch_grid(feat_shape, self.patch_size))
-        if tuple(info["patch_grid"]) != grid:
-            raise ValueError(f"compute_cass_loss_from_info: feat_shape {feat_shape} gives patch grid {grid} but "
-                             f"info has {tuple(info['patch_grid'])}; pass the pruned level's feature shape")
-        return cass.cass_loss(info["patch_importance_scores"], gt_bboxes, feat_shape, tuple(img_shape),
-                              self.patch_size, self.cass_config)
-
-    def _compute_patch_area_weight(self, gt_bboxes: List[Tensor], feat_shape, img_shape, device) -> Tensor:
-        """a_p [B, P] (docs/cass_maths.md, area_patch): normalised area of the largest box covering the patch."""
-        boxes = [b.to(device) for b in gt_bboxes]
-        return cass.patch_area_weight(boxes, tuple(feat_shape), tuple(img_shape), self.patch_size,
-                                      self.cass_config)
-
-    @torch.no_grad()
-    def _debug_visualize_mask(self, target_mask: Tensor, pred_scores: Tensor, patch_grid=None,
-                              image_index: int = 0) -> dict:
-        """Pictures of one image for TensorBoard.
-
-        Args:
-            target_mask: [B, P] target Y; pred_scores: [B, P] logits.
-            patch_grid: (P_h, P_w); defaults to the grid of the last forward.
-        Returns:
-            {'target': [P_h, P_w], 'pred': [P_h, P_w] sigmoid(logits), 'side_by_side': [P_h, 2 P_w + 1]
-            (target | white column | pred)}, float32 numpy arrays in [0, 1]
-            (``writer.add_image(tag, a, dataformats='HW')``).
-        """
-        grid = patch_grid if patch_grid is not None else self._last_patch_grid
-        if grid is None:
-            raise ValueError("_debug_visualize_mask: patch_grid unknown (no forward yet); pass patch_grid=(P_h, P_w)")
-        p_h, p_w = grid
-        target = target_mask[image_index].detach().float().reshape(p_h, p_w).cpu().numpy()
-        pred = pred_scores[image_index].detach().float().sigmoid().reshape(p_h, p_w).cpu().numpy()
-        side = np.concatenate([target, np.ones((p_h, 1), np.float32), pred], axis=1)
-        return {"target": target, "pred": pred, "side_by_side": side}
-
     def extra_repr(self) -> str:
         return (f"input_dim={self.input_dim}, patch_size={self.patch_size}, keep_ratio={self.keep_ratio}, "
                 f"min_patches={self.min_patches}, warmup={self.token_pruning_warmup_epochs}, "
@@ -273,3 +175,10 @@ class PatchLevelPruner(nn.Module):
 def _check(ok: bool, key: str, value, rule: str):
     if not ok:
         raise ValueError(f"PatchLevelPruner: dset.{key} = {value!r} is invalid: must be {rule}")
+
+
+# The seeds' names (the fork's promised API), as aliases of the functions the training loss calls
+# (cass.cass_loss dispatches to these; signatures and shapes in cass_losses.py / cass_targets.py):
+compute_cass_loss_object_normalized = cass.cass_loss_object  # 'object': (logits [B, P], boxes, feat, img, k, cfg)
+compute_patch_area_weight = cass.patch_area_weight           # a_p [B, P] of 'area_patch'
+generate_soft_target_mask = cass.generate_soft_target_mask   # Y [B, P], the merged soft target

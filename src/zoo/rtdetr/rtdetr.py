@@ -22,7 +22,7 @@ class RTDETR(nn.Module):
         decoder: (list of maps, targets) -> dict with ``pred_logits`` [B, Q, K], ``pred_boxes`` [B, Q, 4]
             (normalised cxcywh) and, in training, auxiliary / denoising outputs.
 
-    With DSET the output dict also has ``dset_prune_info`` (list of per-level pruner info dicts).
+    DSET's subclass (``dset_model.DSETRTDETR``) adds what its losses need to the output dict.
 
     forward(x [B, 3, H, W], targets: optional list of per-image dicts with ``labels`` [n] and ``boxes``
     [n, 4] (needed by the decoder's denoising queries in training)) -> the decoder's dict.
@@ -39,8 +39,4 @@ class RTDETR(nn.Module):
     def forward(self, x: torch.Tensor, targets: Optional[List[Dict[str, torch.Tensor]]] = None) -> Dict[str, Any]:
         feats = self.backbone(x)
         feats = self.encoder(feats)
-        outputs = self.decoder(feats, targets)
-        prune_info = getattr(self.encoder, "last_prune_info", None)
-        if prune_info:
-            outputs["dset_prune_info"] = prune_info  # one info dict per pruned level (DSET), for CASS
-        return outputs
+        return self.decoder(feats, targets)

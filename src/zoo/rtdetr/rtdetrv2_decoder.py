@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -176,7 +176,8 @@ class TransformerDecoder(nn.Module):
 class RTDETRTransformerv2(nn.Module):
     """RT-DETRv2 decoder. ``feats``: list of [B, feat_channels[l], H / feat_strides[l], W / feat_strides[l]]."""
 
-    __share__ = ["num_classes", "eval_spatial_size"]  # ``dset`` (validated settings or None) comes from YAMLConfig
+    __share__ = ["num_classes", "eval_spatial_size"]
+    __sections__ = ["dset"]  # the validated dset: settings (DSETConfig) or None: decoder experts
 
     def __init__(self,
                  num_classes: int = 80,
@@ -201,7 +202,7 @@ class RTDETRTransformerv2(nn.Module):
                  aux_loss: bool = True,
                  cross_attn_method: str = "default",
                  query_select_method: str = "default",
-                 dset: Optional[dict] = None):
+                 dset: Optional[Any] = None):
         super().__init__()
         feat_channels, feat_strides = list(feat_channels), list(feat_strides)
         if len(feat_channels) > num_levels:
@@ -241,9 +242,9 @@ class RTDETRTransformerv2(nn.Module):
         layer = TransformerDecoderLayer(hidden_dim, nhead, dim_feedforward, dropout, activation, num_levels,
                                         num_points, cross_attn_method=cross_attn_method)
         self.decoder = TransformerDecoder(hidden_dim, layer, num_layers, eval_idx)
-        if dset is not None and dset["num_experts"] > 0:
+        if dset is not None and dset.moe.num_experts > 0:
             for dec_layer in self.decoder.layers:
-                replace_ffn_with_moe(dec_layer, dset["num_experts"], dset["top_k"], dset["moe_noise_std"], activation)
+                replace_ffn_with_moe(dec_layer, dset.moe.num_experts, dset.moe.top_k, dset.moe.noise_std, activation)
 
         if num_denoising > 0:
             self.denoising_class_embed = nn.Embedding(num_classes + 1, hidden_dim, padding_idx=num_classes)
