@@ -110,11 +110,11 @@ def interrupted_message(args, cfg, trainer) -> str:
     if trainer is None or args.test_only:
         return "interrupted (nothing was trained)"
     last = os.path.join(trainer.output_dir, "last.pth")
-    if trainer.last_saved_epoch is None or not os.path.isfile(last):
+    if trainer.state.last_saved_epoch is None or not os.path.isfile(last):
         return "interrupted during the first epoch: no checkpoint was written yet (nothing to resume)"
     command = " ".join(["python", "train.py", "-c", args.config, "-r", last]
                        + (["-u", *args.update] if args.update else []))
-    return (f"interrupted; {last} (end of epoch {trainer.last_saved_epoch}) is complete and untouched, "
+    return (f"interrupted; {last} (end of epoch {trainer.state.last_saved_epoch}) is complete and untouched, "
             f"resume with: {command}")
 
 

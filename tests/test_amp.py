@@ -31,23 +31,23 @@ def tiny_trainer(tmp_path, data_root, overrides=None, **kwargs) -> Trainer:
 
 
 def weights(trainer):
-    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return {k: v.detach().clone() for k, v in trainer.state.model.state_dict().items()}
 
 
 # --------------------------------------------------------------------------- finding 1: overflow steps
 def test_float16_amp_overflow_steps_are_skipped_counted_and_never_log_an_inf_grad_norm(tmp_path, data_root):
     trainer = tiny_trainer(tmp_path, data_root, {"use_amp": True, "amp_dtype": "float16", "amp_init_scale": 1e30,
                                                 "max_iters_per_epoch": 2})
-    assert trainer.scaler.is_enabled() and trainer.amp_dtype == torch.float16
+    assert trainer.state.scaler.is_enabled() and trainer.amp_dtype == torch.float16
     before = weights(trainer)
     trainer.fit()
     # 1e30 * any float16 gradient overflows: every step is skipped by the scaler, which halves its scale
-    assert trainer.amp_overflow_steps == 2 and trainer.nonfinite_skipped == 0
-    assert trainer.scaler.get_scale() == pytest.approx(1e30 / 2 ** 2, rel=1e-6)
+    assert trainer.state.amp_overflow_steps == 2 and trainer.state.nonfinite_skipped == 0
+    assert trainer.state.scaler.get_scale() == pytest.approx(1e30 / 2 ** 2, rel=1e-6)
     after = weights(trainer)
     assert all(torch.equal(before[k], after[k]) for k in before if k.endswith(("weight", "bias")))
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
-    assert trainer.ema.updates == 0  # nothing was applied, so nothing was averaged
+    assert trainer.state.ema.updates == 0  # nothing was applied, so nothing was averaged
     tb = read_scalars(tmp_path / "out" / "tb")
     assert "train/grad_norm" not in tb  # the norms were inf: none reached the logger
     assert [v for _, v in tb["train/amp_overflow_steps"]] == [1.0, 2.0]  # print_freq 1
@@ -63,14 +63,14 @@ def test_amp_steps_on_cpu_update_the_weights_with_finite_losses(tmp_path, data_r
     # scale 1: the tiny model's float16 gradients fit without scaling (65536 overflows its first step)
     trainer = tiny_trainer(tmp_path, data_root, {"use_amp": True, "amp_dtype": dtype, "amp_init_scale": 1.0,
                                                  "max_iters_per_epoch": 1})
-    assert trainer.scaler.is_enabled() == (dtype == "float16")  # bfloat16 has float32's range: no scaler
+    assert trainer.state.scaler.is_enabled() == (dtype == "float16")  # bfloat16 has float32's range: no scaler
     seen = []
-    trainer.model.register_forward_hook(lambda m, a, out: seen.append(out["pred_logits"].dtype))
+    trainer.state.model.register_forward_hook(lambda m, a, out: seen.append(out["pred_logits"].dtype))
     before = weights(trainer)
     trainer.fit()
     assert seen == [getattr(torch, dtype)]  # the forward ran under autocast in that dtype
     after = weights(trainer)
-    assert trainer.amp_overflow_steps == 0 and trainer.ema.updates == 1
+    assert trainer.state.amp_overflow_steps == 0 and trainer.state.ema.updates == 1
     assert not torch.equal(before["decoder.dec_score_head.0.weight"], after["decoder.dec_score_head.0.weight"])
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
     tb = read_scalars(tmp_path / "out" / "tb")
@@ -95,14 +95,14 @@ def test_resume_a_checkpoint_without_amp_with_amp_and_back(tmp_path, data_root, 
     amp = tiny_trainer(tmp_path, data_root, {**base, "epochs": 2, "amp_init_scale": 1024.0}, use_amp=True, resume=last)
     assert "written without float16 AMP (no GradScaler state): a fresh scaler starts at amp_init_scale = 1024" \
         in capsys.readouterr().out
-    assert amp.scaler.get_scale() == 1024.0 and amp.start_epoch == 1
+    assert amp.state.scaler.get_scale() == 1024.0 and amp.state.epoch == 1
     amp.fit()
     state = torch.load(last, weights_only=True)
     assert state["epoch"] == 1 and state["scaler"]["scale"] > 0
 
     plain = tiny_trainer(tmp_path, data_root, {**base, "epochs": 3}, resume=last)
     assert "written with float16 AMP (loss scale" in capsys.readouterr().out
-    assert not plain.scaler.is_enabled() and plain.start_epoch == 2
+    assert not plain.state.scaler.is_enabled() and plain.state.epoch == 2
     plain.fit()
     assert torch.load(last, weights_only=True)["epoch"] == 2
 

@@ -30,8 +30,8 @@ def test_amp_steps_on_cuda(tmp_path, data_root, dtype, init_scale, overflows):
     trainer = trainer_on("cuda", tmp_path, data_root, {"use_amp": True, "amp_dtype": dtype,
                                                         "amp_init_scale": init_scale, "max_iters_per_epoch": 2})
     trainer.fit()
-    assert trainer.amp_overflow_steps == overflows and trainer.nonfinite_skipped == 0
-    assert trainer.ema.updates == 2 - overflows
+    assert trainer.state.amp_overflow_steps == overflows and trainer.state.nonfinite_skipped == 0
+    assert trainer.state.ema.updates == 2 - overflows
     assert all(torch.isfinite(v).all() for v in final_tensors(tmp_path / "out" / "last.pth").values()
                if v.is_floating_point())
 
@@ -68,11 +68,11 @@ def test_resume_cuda_to_cpu_to_cuda(tmp_path, data_root):
     last = str(tmp_path / "out" / "last.pth")
     trainer_on("cuda", tmp_path, data_root, {"epochs": 1, "max_iters_per_epoch": 1, "use_amp": True}).fit()
     cpu = trainer_on("cpu", tmp_path, data_root, {"epochs": 2, "max_iters_per_epoch": 1}, resume=last)
-    assert cpu.start_epoch == 1 and not cpu.scaler.is_enabled()
+    assert cpu.state.epoch == 1 and not cpu.state.scaler.is_enabled()
     cpu.fit()
     back = trainer_on("cuda", tmp_path, data_root, {"epochs": 3, "max_iters_per_epoch": 1, "use_amp": True},
                       resume=last)
-    assert back.start_epoch == 2 and next(back.model.parameters()).is_cuda
+    assert back.state.epoch == 2 and next(back.state.model.parameters()).is_cuda
     back.fit()
     assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 2
 

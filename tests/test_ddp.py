@@ -107,7 +107,7 @@ def checksum(module):
 
 tr = Trainer(YAMLConfig(sys.argv[1]), device="cpu", output_dir=sys.argv[2], seed=0)
 with open(os.path.join(sys.argv[3], "rank" + os.environ["RANK"] + ".json"), "w") as f:
-    json.dump({{"model": checksum(unwrap_model(tr.model)), "ema": checksum(tr.ema.module)}}, f)
+    json.dump({{"model": checksum(unwrap_model(tr.state.model)), "ema": checksum(tr.state.ema.module)}}, f)
 """
 
 

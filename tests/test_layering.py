@@ -56,12 +56,10 @@ def test_trainer_imports_nothing_of_the_zoo_and_names_no_dset():
 
 def test_dset_registers_its_config_section_and_training_hook():
     from src.core import registry
-    from src.core.config import import_components
     from src.core.hooks import build_hooks
     from src.zoo.rtdetr.dset_config import validate_dset
     from src.zoo.rtdetr.dset_hooks import DSETHook
 
-    import_components()
     assert registry.sections()["dset"][0] is validate_dset
 
     class Cfg:
@@ -71,3 +69,35 @@ def test_dset_registers_its_config_section_and_training_hook():
     assert [type(h) for h in hooks] == [DSETHook] and hooks[0].dset.pruner.keep_ratio == 0.5
     Cfg.dset = None
     assert build_hooks(Cfg()) == []
+
+
+def test_importing_any_module_of_the_package_registers_every_component():
+    """No hidden importlib list: `src/__init__.py` imports the registering packages, so a fresh interpreter
+    that imports only the registry sees every component, section, hook factory and weight adapter."""
+    import subprocess
+    import sys
+
+    code = ("import src.core.registry as r, src.core.hooks as h; "
+            "print(sorted(r.registered_names())); print(sorted(r.sections())); "
+            "print(len(h._FACTORIES), [a.__name__ for a in r.weight_adapters()])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    names, sections, rest = out.stdout.strip().splitlines()
+    for name in ("PResNet", "HybridEncoder", "RTDETRTransformerv2", "RTDETR", "DSETRTDETR", "HungarianMatcher",
+                 "RTDETRCriterionv2", "DSETCriterion", "RTDETRPostProcessor", "CocoDetection",
+                 "BatchImageCollateFunction", "Resize"):
+        assert repr(name) in names, name
+    assert sections == "['dset']"
+    assert rest == "1 ['copy_single_aifi_to_all_levels', 'expand_dense_ffn_state']"
+
+
+def test_nothing_in_the_package_imports_modules_by_name_strings():
+    """Every edge between the package's modules is an import statement the tests above can see."""
+    bad = [f"{f.relative_to(REPO)}" for f in sorted((REPO / "src").rglob("*.py"))
+           if "importlib" in f.read_text()]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("name", ["trainer.py", "checkpointing.py", "train_step.py", "loaders.py", "evaluator.py"])
+def test_the_training_loop_imports_nothing_of_the_zoo(name):
+    zoo = [m for _, m in imported_modules(REPO / "src" / "solver" / name) if m.startswith("src.zoo")]
+    assert zoo == [], zoo

@@ -52,7 +52,7 @@ def test_nan_model_output_is_skipped_before_the_matcher_then_stops_naming_it(tmp
     cfg_path = write_tiny_config(tmp_path / "tiny.yaml", data, tmp_path / "out", dset=False)
     trainer = Trainer(YAMLConfig(str(cfg_path), overrides={"skip_nonfinite_steps": 1, "epochs": 2,
                                                            "max_iters_per_epoch": 2}), device="cpu")
-    model, calls = trainer.model, []
+    model, calls = trainer.state.model, []
 
     def nan_boxes(module, args, out):
         if module.training:
@@ -70,7 +70,7 @@ def test_nan_model_output_is_skipped_before_the_matcher_then_stops_naming_it(tmp
     assert "non-finite model output at step 3 (epoch 1, iteration 1): model output pred_boxes" in msg
     assert "(1 skipped step(s) allowed and used)" in msg and "end of epoch 0" in msg
     assert len(calls) == 4 and len(before_criterion) == 2  # the criterion never saw the NaN outputs
-    assert trainer.nonfinite_skipped == 2
+    assert trainer.state.nonfinite_skipped == 2
     assert read_scalars(tmp_path / "out" / "tb")["train/nonfinite_skipped"] == [(2, 1.0), (3, 2.0)]
     ckpt = torch.load(tmp_path / "out" / "last.pth", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 0 and ckpt["step"] == 2

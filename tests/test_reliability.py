@@ -148,8 +148,8 @@ class NaNAtCall(torch.nn.Module):
         def record(module, args):
             if module.training:
                 self.seen.append(({k: v.detach().clone() for k, v in module.state_dict().items()},
-                                  trainer.ema.updates if trainer.ema else None, trainer.global_step))
-        trainer.model.register_forward_pre_hook(record)
+                                  trainer.state.ema.updates if trainer.state.ema else None, trainer.state.step))
+        trainer.state.model.register_forward_pre_hook(record)
 
     def forward(self, outputs, targets, **kwargs):
         losses = self.inner(outputs, targets, **kwargs)
@@ -226,7 +226,7 @@ def test_pickled_object_checkpoint_is_refused_with_a_hint_to_trust_checkpoint(tm
     import train
 
     trainer = tiny_trainer(tmp_path, data_root)
-    legacy = _legacy_checkpoint(tmp_path / "legacy.pth", trainer.model.state_dict())
+    legacy = _legacy_checkpoint(tmp_path / "legacy.pth", trainer.state.model.state_dict())
     cfg = tmp_path / "tiny.yaml"
     assert train.main(["-c", str(cfg), flag, str(legacy), "--device", "cpu", "--test-only"]) == 2
     err = capsys.readouterr().err
@@ -238,8 +238,8 @@ def test_trust_checkpoint_opts_in_to_loading_the_legacy_file(tmp_path, data_root
     import train
 
     trainer = tiny_trainer(tmp_path, data_root)
-    legacy = _legacy_checkpoint(tmp_path / "legacy.pth", trainer.model.state_dict())
-    n = len(trainer.model.state_dict())
+    legacy = _legacy_checkpoint(tmp_path / "legacy.pth", trainer.state.model.state_dict())
+    n = len(trainer.state.model.state_dict())
     rc = train.main(["-c", str(tmp_path / "tiny.yaml"), "-t", str(legacy), "--trust-checkpoint", "--device", "cpu",
                      "--test-only", "--output-dir", str(tmp_path / "tuned")])
     assert rc == 0

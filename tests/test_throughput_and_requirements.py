@@ -45,7 +45,7 @@ def test_with_cass_every_parameter_gets_a_gradient_so_ddp_needs_no_find_unused_p
     trainer = dset_trainer(tmp_path, data_root, {"use_cass": True, "token_pruning_warmup_epochs": 5})
     assert [r for h in trainer.hooks for r in h.unused_parameter_reasons()] == []
     trainer.fit()
-    missing = [n for n, p in trainer.model.named_parameters() if p.requires_grad and p.grad is None]
+    missing = [n for n, p in trainer.state.model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
 
 
@@ -54,7 +54,7 @@ def test_without_cass_during_warmup_the_scorer_gets_no_gradient_and_find_unused_
     reasons = [r for h in trainer.hooks for r in h.unused_parameter_reasons()]
     assert len(reasons) == 1 and "without CASS" in reasons[0]
     trainer.fit()
-    missing = [n for n, p in trainer.model.named_parameters() if p.requires_grad and p.grad is None]
+    missing = [n for n, p in trainer.state.model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing and all("pruners" in n and "importance_predictor" in n for n in missing)
 
 

@@ -4,36 +4,17 @@ Validation happens at load time, before anything is built: every top-level key m
 setting or the section of a registered component; every component section and every nested
 ``{type: Name, ...}`` mapping must only use the constructor's keyword names; a section registered by a
 model family (``registry.register_section``, e.g. ``dset:``) is checked by its owner's validator. Errors
-name the file that set the key, the key, and the valid keys.
+name the file that set the key, the key, and the valid keys. The registry is complete because importing
+any ``src.*`` module first runs ``src/__init__.py``, which imports every registering package.
 """
 from __future__ import annotations
 
 import copy
-import importlib
-from typing import Any, Dict, Iterable
+from typing import Any, Dict
 
 from src.core import registry
 from src.core.input_size import apply_input_size
 from src.core.yaml_utils import ConfigError, DataError, Origins, deep_merge, load_yaml_config, parse_overrides
-
-# Modules whose import registers components, config sections and training hooks: the plugins of this
-# repository, named (not imported) here and imported lazily so `src.core` stays light and knows no model.
-COMPONENT_MODULES = (
-    "src.nn.backbone.presnet",
-    "src.zoo.rtdetr.hybrid_encoder",
-    "src.zoo.rtdetr.rtdetrv2_decoder",
-    "src.zoo.rtdetr.rtdetr",
-    "src.zoo.rtdetr.matcher",
-    "src.zoo.rtdetr.rtdetrv2_criterion",
-    "src.zoo.rtdetr.rtdetr_postprocessor",
-    "src.zoo.rtdetr.dset_config",
-    "src.zoo.rtdetr.dset_model",
-    "src.zoo.rtdetr.dset_criterion",
-    "src.zoo.rtdetr.dset_hooks",
-    "src.data.coco_dataset",
-    "src.data.transforms",
-    "src.data.collate",
-)
 
 # Top-level settings that are not component sections: name -> one-line meaning (shown in errors/docs).
 GLOBAL_KEYS: Dict[str, str] = {
@@ -88,11 +69,6 @@ DATALOADER_KEYS = {
 BUILDER_SECTIONS = ("optimizer", "lr_scheduler", "lr_warmup_scheduler", "ema")
 
 
-def import_components(modules: Iterable[str] = COMPONENT_MODULES):
-    for m in modules:
-        importlib.import_module(m)
-
-
 class YAMLConfig:
     """The merged, validated config of one run.
 
@@ -101,7 +77,6 @@ class YAMLConfig:
     """
 
     def __init__(self, path: str, overrides: list[str] | dict | None = None, **kwargs):
-        import_components()
         self.path = path
         cfg, origins = load_yaml_config(path)
         if overrides:

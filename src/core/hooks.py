@@ -3,7 +3,7 @@
 registers its own criterion, e.g. DSETCriterion).
 
 A model family subclasses ``TrainHook`` and registers a factory ``factory(cfg) -> list of hooks`` with
-``register_hooks`` when its module is imported (the module is one of the config's COMPONENT_MODULES).
+``register_hooks`` when its module is imported (by its package's ``__init__``, see src/__init__.py).
 The trainer calls ``build_hooks(cfg)`` once and then each method at its point of the loop. Every method
 has a do-nothing default, so a hook overrides only what it needs. Methods run on every rank unless
 their docstring says otherwise; a hook must not issue collectives except where stated.
@@ -26,8 +26,9 @@ class TrainHook:
         """Extra TensorBoard scalars of a logged step (every ``print_freq`` iterations)."""
         return {}
 
-    def after_step(self, trainer, outputs: dict, targets: List[dict], images: Tensor):
-        """After every optimisation step that was applied (pictures, ...); ``trainer.global_step`` is updated."""
+    def after_step(self, step: int, logger, outputs: dict, targets: List[dict], images: Tensor):
+        """After every optimisation step that was applied (pictures, ...); ``step``: the steps done, this one
+        included; ``logger``: the run's TrainLogger (disabled, ``logger.enabled`` False, on ranks other than 0)."""
 
     def before_eval(self):
         """Start of an evaluation: reset what ``eval_batch`` accumulates."""

@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from src.core.registry import weight_adapters
 from src.misc.dist import is_main_process
 
 __all__ = ["save_checkpoint", "load_checkpoint", "extract_state_dict", "load_matching_weights",
@@ -247,3 +248,15 @@ def load_matching_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor],
     if verbose and is_main_process():
         print(report, flush=True)
     return report
+
+
+def load_pretrained(model: nn.Module, path: str, trusted: bool = False, strict: bool = False) -> LoadReport:
+    """Load weights from ``path`` (official ``{'ema': {'module': sd}}`` / ``{'model': sd}`` / bare state dict).
+
+    ``strict=True``: every key and shape must match (the plain detector with the official checkpoint).
+    Otherwise the state-dict adapters the model families registered (``registry.register_weight_adapter``,
+    e.g. one AIFI layer to every attended level, dense FFN to experts) are applied, every matching tensor
+    loads and the rest stays at its initialisation (reported).
+    """
+    state = extract_state_dict(load_checkpoint(path, trusted=trusted))
+    return load_matching_weights(model, state, adapters=() if strict else weight_adapters(), strict=strict)

@@ -12,9 +12,9 @@ import pickle
 
 from src.data.classes import ClassList
 from src.misc import dist
-from src.misc.checkpoint import describe_mismatch, load_checkpoint, save_checkpoint
+from src.misc.checkpoint import describe_mismatch, load_checkpoint, load_pretrained, save_checkpoint
 from src.misc.rng import get_rng_state, seed_everything, set_rng_state
-from src.zoo.rtdetr.weights import load_pretrained
+from src.solver.state import TrainState
 
 
 class CheckpointError(RuntimeError):
@@ -43,108 +43,97 @@ def load_tuning_weights(model, path: str, trusted: bool):
         print(f"[tune] {path}:\n{report}")
 
 
-def trainer_state(tr, epoch: int, rng_per_rank: list | None = None) -> dict:
+def checkpoint_dict(state: TrainState, epoch: int, config: dict, classes: ClassList | None,
+                    rng_per_rank: list | None = None) -> dict:
     """Everything a resume needs; only tensors and plain containers (loads with weights_only=True)."""
     rng = get_rng_state()
     return {
-        "model": dist.unwrap_model(tr.model).state_dict(),
-        "ema": tr.ema.state_dict() if tr.ema else None,
-        "optimizer": tr.optimizer.state_dict(),
-        "lr_scheduler": tr.lr_scheduler.state_dict(),
-        "scaler": tr.scaler.state_dict(),
+        **state.state_dict(),
         "epoch": epoch,
-        "step": tr.global_step,
-        "best_ap": tr.best_ap,
-        "nonfinite_skipped": tr.nonfinite_skipped,
-        "amp_overflow_steps": tr.amp_overflow_steps,
-        "config": json.loads(json.dumps(tr.cfg.yaml_cfg, default=str)),  # plain types only (safe load)
-        "classes": tr.classes.to_records() if tr.classes is not None else None,  # label -> name, category id
+        "config": json.loads(json.dumps(config, default=str)),  # plain types only (safe load)
+        "classes": classes.to_records() if classes is not None else None,  # label -> name, category id
         "rng": rng,
         "rng_per_rank": rng_per_rank if rng_per_rank is not None else [rng],
     }
 
 
-def save_trainer_checkpoint(tr, name: str, epoch: int):
+def save_training_checkpoint(state: TrainState, path: str, epoch: int, config: dict, classes: ClassList | None,
+                             distributed: bool, is_main: bool):
     """Atomically write a checkpoint on rank 0 (every rank must call: the RNG states are gathered)."""
-    rng_per_rank = dist.all_gather_object(get_rng_state()) if tr.distributed else None
-    if tr.is_main:
-        save_checkpoint(trainer_state(tr, epoch, rng_per_rank), os.path.join(tr.output_dir, name))
-    if name == "last.pth":
-        tr.last_saved_epoch = epoch
+    rng_per_rank = dist.all_gather_object(get_rng_state()) if distributed else None
+    if is_main:
+        save_checkpoint(checkpoint_dict(state, epoch, config, classes, rng_per_rank), path)
+    if os.path.basename(path) == "last.pth":
+        state.last_saved_epoch = epoch
 
 
-def load_trainer_state(tr, path: str):
+def load_training_checkpoint(state: TrainState, path: str, trusted: bool, classes: ClassList | None, seed: int,
+                             deterministic: bool, test_only: bool, is_main: bool) -> ClassList | None:
+    """Resume ``state`` from the checkpoint at ``path`` (model, EMA, optimizer, scheduler, scaler, counters,
+    ``epoch`` = the next epoch, RNG); returns the checkpoint's classes (else ``classes``). Raises
+    CheckpointError saying what does not match and how to go on."""
     try:
-        ckpt = load_checkpoint(path, trusted=tr.trusted)
+        ckpt = load_checkpoint(path, trusted=trusted)
     except (pickle.UnpicklingError, FileNotFoundError) as e:
         raise checkpoint_error(path, "-r (resume)", e) from e
     if not isinstance(ckpt, dict) or "optimizer" not in ckpt:
         raise CheckpointError(f"{path} is a weights file, not a training checkpoint (no optimizer state): "
                               f"use -t {path} to start a new run from its weights")
-    model = dist.unwrap_model(tr.model)
-    details = describe_mismatch(model.state_dict(), ckpt["model"]) if isinstance(ckpt.get("model"), dict) else ""
+    details = describe_mismatch(state.module.state_dict(), ckpt["model"]) if isinstance(ckpt.get("model"), dict) else ""
     if details:
         raise CheckpointError(f"{path} (-r): does not match the model built from the config:\n{details}\nResume "
                               f"with the config that wrote it, or start a new run from these weights with -t {path} "
                               f"(tensors of another shape are then re-initialised, e.g. for another num_classes)")
     try:
-        model.load_state_dict(ckpt["model"])
-        if tr.ema and ckpt.get("ema"):
-            tr.ema.load_state_dict(ckpt["ema"])
-        tr.optimizer.load_state_dict(ckpt["optimizer"])
-        tr.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+        state.load_state_dict(ckpt)
     except (KeyError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path} (-r): does not match the run built from the config ({type(e).__name__}: "
                               f"{str(e).splitlines()[0]}). Resume with the config that wrote it, or start a new "
                               f"run from its weights with -t {path}") from e
     if ckpt.get("classes"):
         stored = ClassList.from_records(ckpt["classes"])
-        if tr.classes is not None and tr.classes.names != stored.names:
+        if classes is not None and classes.names != stored.names:
             raise CheckpointError(f"{path} (-r) was trained on the classes {list(stored.names)} (label order) but the "
-                                  f"training json of the config has {list(tr.classes.names)}: resume with the json it "
+                                  f"training json of the config has {list(classes.names)}: resume with the json it "
                                   f"was trained on, or start a new run from its weights with -t {path}")
-        tr.classes = stored
-    load_scaler_state(tr, ckpt.get("scaler") or {}, path)
-    tr.start_epoch = int(ckpt["epoch"]) + 1
-    tr.global_step = int(ckpt["step"])
-    tr.best_ap = float(ckpt["best_ap"])
-    tr.nonfinite_skipped = int(ckpt.get("nonfinite_skipped", 0))
-    tr.amp_overflow_steps = int(ckpt.get("amp_overflow_steps", 0))
-    tr.last_saved_epoch = int(ckpt["epoch"])
-    restore_rng(tr, ckpt, path)
-    if tr.is_main:
-        print(f"[resume] {path}: evaluating the weights of epoch {tr.start_epoch - 1}" if tr.test_only else
-              f"[resume] {path}: continuing at epoch {tr.start_epoch}, step {tr.global_step}")
+        classes = stored
+    load_scaler_state(state.scaler, ckpt.get("scaler") or {}, path, is_main)
+    state.epoch = int(ckpt["epoch"]) + 1
+    state.last_saved_epoch = int(ckpt["epoch"])
+    restore_rng(ckpt, path, seed, deterministic, is_main)
+    if is_main:
+        print(f"[resume] {path}: evaluating the weights of epoch {state.epoch - 1}" if test_only else
+              f"[resume] {path}: continuing at epoch {state.epoch}, step {state.step}")
+    return classes
 
 
-def load_scaler_state(tr, state: dict, path: str):
+def load_scaler_state(scaler, state: dict, path: str, is_main: bool):
     """The GradScaler across AMP on/off: a checkpoint written without float16 AMP (every CPU run before, any
     bfloat16 or fp32 run) holds an empty scaler state; resuming it with float16 AMP starts a fresh scaler at
     ``amp_init_scale``. A float16 AMP checkpoint resumed without a scaler drops its scale. Both say so."""
-    if tr.scaler.is_enabled() and state:
+    if scaler.is_enabled() and state:
         try:
-            tr.scaler.load_state_dict(state)
+            scaler.load_state_dict(state)
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"{path} (-r): its GradScaler state cannot be loaded ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0]}); resume without --use-amp, or start a new run "
                                   f"from its weights with -t {path}") from e
-    elif tr.scaler.is_enabled() and tr.is_main:
+    elif scaler.is_enabled() and is_main:
         print(f"[resume] {path} was written without float16 AMP (no GradScaler state): a fresh scaler starts "
-              f"at amp_init_scale = {tr.scaler.get_scale():g}")
-    elif state and tr.is_main:
+              f"at amp_init_scale = {scaler.get_scale():g}")
+    elif state and is_main:
         print(f"[resume] {path} was written with float16 AMP (loss scale {float(state.get('scale', 0)):g}); this "
               f"run has no GradScaler (use_amp off or amp_dtype bfloat16): the scaler state is not used")
 
 
-def restore_rng(tr, ckpt: dict, path: str):
+def restore_rng(ckpt: dict, path: str, seed: int, deterministic: bool, is_main: bool):
     """Each rank continues its own RNG streams; with another number of processes they are re-seeded."""
     per_rank = ckpt.get("rng_per_rank") or ([ckpt["rng"]] if ckpt.get("rng") is not None else [])
     world, rank = dist.get_world_size(), dist.get_rank()
     if len(per_rank) == world:
         set_rng_state(per_rank[rank])
         return
-    seed_everything(tr.seed + rank + 1_000_003 * (int(ckpt["epoch"]) + 1),
-                    deterministic=bool(tr.cfg.get("deterministic", False)))
-    if tr.is_main:
+    seed_everything(seed + rank + 1_000_003 * (int(ckpt["epoch"]) + 1), deterministic=deterministic)
+    if is_main:
         print(f"[resume] {path} holds RNG states of {len(per_rank)} process(es), this run has {world}: "
               f"the random streams are re-seeded (the run continues correctly but not bit-identically)")

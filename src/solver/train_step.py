@@ -1,6 +1,7 @@
 """One optimisation step of the trainer and its non-finite handling.
 
-``train_step(trainer, images, targets, epoch, i)`` runs forward (under autocast in ``amp_dtype`` when AMP is
+``train_step(state, criterion, images, targets, settings, logger, epoch, i, buffers)`` (state: the run's
+TrainState, src/solver/state.py; settings: StepSettings) runs forward (under autocast in ``amp_dtype`` when AMP is
 on, on CUDA and CPU alike), the loss (the criterion's terms, in float32), the scaled backward,
 unscale, clipping, and ONE all-reduce of two flags that tells every rank whether the step is bad and whether
 the float16 GradScaler overflowed; then one of three branches, the same on every rank, so none waits in a
@@ -8,7 +9,7 @@ collective the others skip:
 
 * applied: optimizer step through the scaler, EMA update;
 * AMP overflow (scaled gradients not finite, float16 only): the scaler skips the update and lowers its
-  scale, as GradScaler intends; counted in ``trainer.amp_overflow_steps``; the EMA is not updated and the
+  scale, as GradScaler intends; counted in ``state.amp_overflow_steps``; the EMA is not updated and the
   (non-finite) gradient norm is not reported;
 * non-finite loss or (without a scaler) gradient: ``handle_nonfinite`` counts it, restores the buffers, or
   raises NonFiniteLossError once the allowed skips are used up.
@@ -22,11 +23,12 @@ all-reduce.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, NamedTuple
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 
 from src.misc import dist
+from src.solver.state import TrainState
 
 
 def amp_dtype_for(cfg, device: torch.device, use_amp: bool) -> torch.dtype:
@@ -45,6 +47,17 @@ def amp_dtype_for(cfg, device: torch.device, use_amp: bool) -> torch.dtype:
 
 class NonFiniteLossError(RuntimeError):
     """Raised when a loss term (or the gradient norm) is NaN/inf and no more skips are allowed."""
+
+
+class StepSettings(NamedTuple):
+    """What a step needs besides the state: autocast, clipping, the skip allowance, where checkpoints go."""
+    device_type: str
+    amp_dtype: torch.dtype
+    use_amp: bool
+    clip: float           # gradient clipping max norm; <= 0: no clipping (the norm is still reported)
+    max_skips: int        # non-finite steps that may be skipped before the run stops
+    output_dir: str       # named in the stop message (its last.pth)
+    is_main: bool
 
 
 class StepResult(NamedTuple):
@@ -86,62 +99,63 @@ def nonfinite_outputs(outputs: dict) -> tuple:
     return [n for n, _ in named], flags
 
 
-def train_step(tr, images, targets, epoch: int, i: int, buffers: List[torch.Tensor], clip: float,
-               max_skips: int) -> StepResult | None:
+def train_step(state: TrainState, criterion, images, targets, settings: StepSettings, logger, epoch: int, i: int,
+               buffers: List[torch.Tensor]) -> Optional[StepResult]:
     """One step on every rank; returns None when the step was skipped (every rank skips together)."""
-    model = tr.model
+    model, scaler = state.model, state.scaler
     saved_buffers = [b.clone() for b in buffers]
-    with torch.autocast(device_type=tr.device.type, dtype=tr.amp_dtype, enabled=tr.use_amp):
+    with torch.autocast(device_type=settings.device_type, dtype=settings.amp_dtype, enabled=settings.use_amp):
         outputs = model(images, targets)
     names, out_bad = nonfinite_outputs(outputs)
     if dist.all_reduce_sum(out_bad.any().float()) > 0:  # before the matcher, on every rank together
         bad = [f"model output {n}" for n, b in zip(names, out_bad.tolist()) if b]
-        _skip(tr, bad, epoch, i, max_skips, buffers, saved_buffers, unscaled=False)
+        _skip(state, settings, logger, bad, epoch, i, buffers, saved_buffers, unscaled=False)
         return None
-    with torch.autocast(device_type=tr.device.type, enabled=False):
-        losses = tr.criterion(outputs, targets, epoch=epoch)  # every term and its weight: the criterion's
+    with torch.autocast(device_type=settings.device_type, enabled=False):
+        losses = criterion(outputs, targets, epoch=epoch)  # every term and its weight: the criterion's
     total = sum(losses.values())
 
-    tr.optimizer.zero_grad(set_to_none=True)
-    tr.scaler.scale(total).backward()  # every rank runs backward, so DDP's gradient all-reduce matches
-    tr.scaler.unscale_(tr.optimizer)
+    state.optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()  # every rank runs backward, so DDP's gradient all-reduce matches
+    scaler.unscale_(state.optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = (torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0
+    grad_norm = (torch.nn.utils.clip_grad_norm_(params, settings.clip) if settings.clip > 0
                  else torch.nn.utils.get_total_norm([p.grad for p in params]))
     # one all-reduce for all ranks (one sync per step): every rank skips or stops together instead of hanging.
     # With a GradScaler (float16) an inf gradient is the scaler's business: it skips the step, lowers the scale.
     grad_bad = ~torch.isfinite(grad_norm)
-    scaled = tr.scaler.is_enabled()
+    scaled = scaler.is_enabled()
     bad = ~torch.isfinite(total.detach()) | (grad_bad & (not scaled))
     n_bad, n_overflow = dist.all_reduce_sum(torch.stack([bad, grad_bad & scaled]).float()).tolist()
     if n_bad > 0:
-        _skip(tr, nonfinite_loss_terms(losses, total, grad_norm, scaled), epoch, i, max_skips, buffers,
+        _skip(state, settings, logger, nonfinite_loss_terms(losses, total, grad_norm, scaled), epoch, i, buffers,
               saved_buffers, unscaled=True)
         return None
 
-    tr.scaler.step(tr.optimizer)  # skips optimizer.step when the scaled gradients overflowed
-    tr.scaler.update()
+    scaler.step(state.optimizer)  # skips optimizer.step when the scaled gradients overflowed
+    scaler.update()
     overflow = n_overflow > 0
     if overflow:
-        tr.amp_overflow_steps += 1
-    elif tr.ema:
-        tr.ema.update(model)
-    tr.lr_scheduler.step()
-    tr.global_step += 1
+        state.amp_overflow_steps += 1
+    elif state.ema:
+        state.ema.update(model)
+    state.lr_scheduler.step()
+    state.step += 1
     return StepResult(outputs, losses, total, None if overflow else grad_norm, overflow)
 
 
-def _skip(tr, local_bad: List[str], epoch, i, max_skips, buffers, saved_buffers, unscaled: bool):
+def _skip(state: TrainState, settings: StepSettings, logger, local_bad: List[str], epoch, i, buffers, saved_buffers,
+          unscaled: bool):
     """Skip a bad step on every rank: count it (or stop), undo its buffer changes, keep the schedule going."""
-    handle_nonfinite(tr, local_bad, epoch, i, max_skips)
+    handle_nonfinite(state, settings, logger, local_bad, epoch, i)
     with torch.no_grad():
         for b, saved in zip(buffers, saved_buffers):
             b.copy_(saved)
-    tr.optimizer.zero_grad(set_to_none=True)
+    state.optimizer.zero_grad(set_to_none=True)
     if unscaled:
-        tr.scaler.update()  # closes the unscale_ of the step; lowers the AMP scale
-    tr.lr_scheduler.step()  # the schedule follows iterations, skipped or not
-    tr.global_step += 1
+        state.scaler.update()  # closes the unscale_ of the step; lowers the AMP scale
+    state.lr_scheduler.step()  # the schedule follows iterations, skipped or not
+    state.step += 1
 
 
 def nonfinite_loss_terms(losses, total, grad_norm, scaled: bool) -> List[str]:
@@ -154,7 +168,7 @@ def nonfinite_loss_terms(losses, total, grad_norm, scaled: bool) -> List[str]:
     return local
 
 
-def handle_nonfinite(tr, local_bad: List[str], epoch, i, max_skips):
+def handle_nonfinite(state: TrainState, settings: StepSettings, logger, local_bad: List[str], epoch, i):
     """Count a non-finite step; raise NonFiniteLossError naming what was bad once the skips are used up.
 
     Called on every rank together (the flag is all-reduced); what each rank found is gathered so that
@@ -162,13 +176,14 @@ def handle_nonfinite(tr, local_bad: List[str], epoch, i, max_skips):
     per_rank = dist.all_gather_object(local_bad)
     bad = [f"{term} (rank {r})" if len(per_rank) > 1 else term for r, terms in enumerate(per_rank) for term in terms]
     what = "model output" if any(t.startswith("model output") for t in bad) else "loss"
-    tr.nonfinite_skipped += 1
-    tr.logger.scalars({"train/nonfinite_skipped": tr.nonfinite_skipped}, tr.global_step)
-    where = f"step {tr.global_step} (epoch {epoch}, iteration {i})"
-    if tr.nonfinite_skipped > max_skips:
-        last = os.path.join(tr.output_dir, "last.pth")
-        if tr.last_saved_epoch is not None:
-            keep = (f"The last good checkpoint is {last} (end of epoch {tr.last_saved_epoch}), left untouched: "
+    state.nonfinite_skipped += 1
+    logger.scalars({"train/nonfinite_skipped": state.nonfinite_skipped}, state.step)
+    where = f"step {state.step} (epoch {epoch}, iteration {i})"
+    max_skips = settings.max_skips
+    if state.nonfinite_skipped > max_skips:
+        last = os.path.join(settings.output_dir, "last.pth")
+        if state.last_saved_epoch is not None:
+            keep = (f"The last good checkpoint is {last} (end of epoch {state.last_saved_epoch}), left untouched: "
                     f"fix the cause and resume with -r {last}.")
         else:
             keep = "No checkpoint was written yet (this is the first epoch of the run)."
@@ -176,6 +191,6 @@ def handle_nonfinite(tr, local_bad: List[str], epoch, i, max_skips):
         raise NonFiniteLossError(
             f"non-finite {what} at {where}: {', '.join(bad)}{used}. {keep} Lower the learning rate, check the data "
             f"and the loss weights, or allow skipping bad steps with skip_nonfinite_steps: N")
-    if tr.is_main:
+    if settings.is_main:
         print(f"[warn] skipped the step at {where}: non-finite {', '.join(bad)} "
-              f"({tr.nonfinite_skipped}/{max_skips} skips used)", flush=True)
+              f"({state.nonfinite_skipped}/{max_skips} skips used)", flush=True)

@@ -35,7 +35,8 @@ from src.solver.evaluator import evaluator_for, format_table
 from src.solver.loaders import (build_loader, check_input_divisibility, check_loss_weights, check_num_classes,
                                 check_training_data, iters_per_epoch, largest_stride, loader_seed, prepare_val_data,
                                 training_classes)
-from src.solver.train_step import NonFiniteLossError, amp_dtype_for, skip_buffers, train_step  # noqa: F401
+from src.solver.state import TrainState
+from src.solver.train_step import NonFiniteLossError, StepSettings, amp_dtype_for, skip_buffers, train_step  # noqa: F401
 
 
 def set_epoch_everywhere(model: nn.Module, epoch: int):
@@ -77,7 +78,6 @@ class Trainer:
         self.epochs = int(cfg.get("epochs", 1))
         self.print_freq = int(cfg.get("print_freq", 50))
         self.hooks = build_hooks(cfg)  # registered by the model side (e.g. src/zoo/rtdetr/dset_hooks.py)
-        self.last_saved_epoch = None  # epoch of the newest last.pth written (or resumed from) by this run
         self._setup()
 
     # ------------------------------------------------------------------ setup
@@ -94,7 +94,7 @@ class Trainer:
             checkpointing.load_tuning_weights(model, self.tuning_path, self.trusted)
         if self.distributed and cfg.get("sync_bn", False) and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.model = model.to(self.device)
+        model = model.to(self.device)
         self.criterion = self._build("criterion", lambda: cfg.criterion).to(self.device)
         check_loss_weights(cfg, self.criterion)
         self.postprocessor = self._build("postprocessor", lambda: cfg.postprocessor).to(self.device)
@@ -108,14 +108,14 @@ class Trainer:
         if not self.test_only:
             check_training_data(cfg, self.train_loader)
 
-        self.optimizer = build_optimizer(self.model, cfg.get("optimizer", {"type": "AdamW", "lr": 1e-4}))
-        check_param_groups(self.model, self.optimizer)
+        optimizer = build_optimizer(model, cfg.get("optimizer", {"type": "AdamW", "lr": 1e-4}))
+        check_param_groups(model, optimizer)
         self.iters_per_epoch = iters_per_epoch(cfg, self.train_loader)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.get("lr_scheduler"),
-                                               cfg.get("lr_warmup_scheduler"), self.iters_per_epoch, self.epochs)
+        lr_scheduler = build_lr_scheduler(optimizer, cfg.get("lr_scheduler"), cfg.get("lr_warmup_scheduler"),
+                                          self.iters_per_epoch, self.epochs)
         # float16 needs loss scaling (its range ends at 65504); bfloat16 has float32's range and runs without
-        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=float(cfg.get("amp_init_scale", 65536.0)),
-                                           enabled=self.use_amp and self.amp_dtype == torch.float16)
+        scaler = torch.amp.GradScaler(self.device.type, init_scale=float(cfg.get("amp_init_scale", 65536.0)),
+                                      enabled=self.use_amp and self.amp_dtype == torch.float16)
 
         if self.distributed:
             find_unused = bool(cfg.get("find_unused_parameters", False))
@@ -125,14 +125,13 @@ class Trainer:
                 if self.is_main:
                     print(f"[ddp] find_unused_parameters enabled: parameters can get no gradient in a step "
                           f"({'; '.join(reasons)})")
-            self.model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=find_unused)
-        self.ema = ModelEMA(self.model, **cfg.get("ema", {})) if cfg.get("use_ema", False) else None
+        ema = ModelEMA(model, **cfg.get("ema", {})) if cfg.get("use_ema", False) else None  # from broadcast weights
+        self.state = TrainState(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler, ema=ema)
 
         self.logger = TrainLogger(self.output_dir, enabled=self.is_main)
-        self.start_epoch, self.global_step, self.best_ap = 0, 0, -1.0
-        self.nonfinite_skipped, self.amp_overflow_steps = 0, 0
         if self.resume_path:
             self.load_state(self.resume_path)
         self.classes = prepare_val_data(self.val_loader, self.classes, self.train_loader, self.is_main)
@@ -148,25 +147,26 @@ class Trainer:
                               f"the {name} section and its sub-components") from e
 
     # ------------------------------------------------------------------ state (src/solver/checkpointing.py)
-    def state_dict(self, epoch: int, rng_per_rank: list | None = None) -> dict:
-        return checkpointing.trainer_state(self, epoch, rng_per_rank)
-
     def load_state(self, path: str):
-        checkpointing.load_trainer_state(self, path)
+        self.classes = checkpointing.load_training_checkpoint(
+            self.state, path, self.trusted, self.classes, self.seed, bool(self.cfg.get("deterministic", False)),
+            self.test_only, self.is_main)
 
     def save(self, name: str, epoch: int):
-        checkpointing.save_trainer_checkpoint(self, name, epoch)
+        checkpointing.save_training_checkpoint(self.state, os.path.join(self.output_dir, name), epoch,
+                                               self.cfg.yaml_cfg, self.classes, self.distributed, self.is_main)
 
     # ------------------------------------------------------------------ training
     def fit(self):
-        if self.start_epoch >= self.epochs and self.is_main:
-            print(f"[fit] nothing to do: the checkpoint finished epoch {self.start_epoch - 1} of {self.epochs}")
+        state = self.state
+        if state.epoch >= self.epochs and self.is_main:
+            print(f"[fit] nothing to do: the checkpoint finished epoch {state.epoch - 1} of {self.epochs}")
         try:
-            for epoch in range(self.start_epoch, self.epochs):
+            for epoch in range(state.epoch, self.epochs):
                 train_stats = self.train_one_epoch(epoch)
-                record = {"epoch": epoch, "step": self.global_step, "train": train_stats,
-                          "skipped_steps": {"amp_overflow": self.amp_overflow_steps,
-                                            "nonfinite": self.nonfinite_skipped}}  # run totals
+                record = {"epoch": epoch, "step": state.step, "train": train_stats,
+                          "skipped_steps": {"amp_overflow": state.amp_overflow_steps,
+                                            "nonfinite": state.nonfinite_skipped}}  # run totals
                 # the RNG state saved here is where the next epoch starts; evaluation below must not move it
                 self.save("last.pth", epoch)
                 freq = int(self.cfg.get("checkpoint_freq", 0) or 0)
@@ -177,8 +177,8 @@ class Trainer:
                     with rng_preserved():
                         stats = self.evaluate(epoch)
                     record["eval"] = {k: v for k, v in stats.items() if k != "per_class"}
-                    if stats["AP"] > self.best_ap:
-                        self.best_ap = stats["AP"]
+                    if stats["AP"] > state.best_ap:
+                        state.best_ap = stats["AP"]
                         self.save("last.pth", epoch)
                         self.save("best.pth", epoch)
                 self.logger.epoch_record(record)
@@ -187,7 +187,7 @@ class Trainer:
         dist.barrier()
 
     def train_one_epoch(self, epoch: int):
-        model, cfg = self.model, self.cfg
+        model, cfg = self.state.model, self.cfg
         model.train()
         self.criterion.train()
         set_epoch_everywhere(model, epoch)
@@ -196,18 +196,18 @@ class Trainer:
         for obj in (self.train_loader.dataset, self.train_loader.collate_fn):
             if hasattr(obj, "set_epoch"):
                 obj.set_epoch(epoch)
-        clip = float(cfg.get("clip_max_norm", 0.0) or 0.0)
-        max_skips = int(cfg.get("skip_nonfinite_steps", 0) or 0)
+        settings = StepSettings(self.device.type, self.amp_dtype, self.use_amp, float(cfg.get("clip_max_norm", 0.0) or 0.0),
+                                int(cfg.get("skip_nonfinite_steps", 0) or 0), self.output_dir, self.is_main)
         progress = ProgressMeter(self.iters_per_epoch, header=f"epoch {epoch}/{self.epochs}", enabled=self.is_main)
         t_last, i_last = time.time(), -1  # time and iteration of the last logged step
         sums: Dict[str, torch.Tensor] = {}
         n_done = 0
-        buffers = skip_buffers(model, max_skips)
+        buffers = skip_buffers(model, settings.max_skips)
         for i, (images, targets) in enumerate(itertools.islice(self.train_loader, self.iters_per_epoch)):
             images = images.to(self.device, non_blocking=True)
             targets = [{k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
                        for t in targets]
-            step = train_step(self, images, targets, epoch, i, buffers, clip, max_skips)
+            step = train_step(self.state, self.criterion, images, targets, settings, self.logger, epoch, i, buffers)
             if step is None:
                 continue
             for k, v in step.losses.items():
@@ -220,7 +220,7 @@ class Trainer:
                 t_last, i_last = time.time(), i
                 self._log_step(step, iter_time, targets, images, progress, i)
             for hook in self.hooks:
-                hook.after_step(self, step.outputs, targets, images)
+                hook.after_step(self.state.step, self.logger, step.outputs, targets, images)
         means = dist.mean_over_ranks({k: v / max(n_done, 1) for k, v in sums.items()})
         return {k: float(v) for k, v in means.items()}
 
@@ -232,22 +232,22 @@ class Trainer:
         if step.grad_norm is not None:  # only finite norms: an AMP overflow step has none
             scalars["train/grad_norm"] = step.grad_norm
         scalars["train/iter_time"] = iter_time
-        if self.scaler.is_enabled():
-            scalars["train/amp_overflow_steps"] = self.amp_overflow_steps
-            scalars["train/amp_scale"] = self.scaler.get_scale()
+        if self.state.scaler.is_enabled():
+            scalars["train/amp_overflow_steps"] = self.state.amp_overflow_steps
+            scalars["train/amp_scale"] = self.state.scaler.get_scale()
         if self.device.type == "cuda":
             scalars["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        for g in self.optimizer.param_groups:
+        for g in self.state.optimizer.param_groups:
             scalars[f"lr/{g.get('name', 'group')}"] = g["lr"]
         for hook in self.hooks:
-            scalars.update(hook.step_scalars(step.outputs, targets, images, dist.unwrap_model(self.model)))
-        self.logger.scalars(scalars, self.global_step)
-        progress.update(i, loss=float(total), lr=self.optimizer.param_groups[-1]["lr"], iter_time=iter_time)
+            scalars.update(hook.step_scalars(step.outputs, targets, images, self.state.module))
+        self.logger.scalars(scalars, self.state.step)
+        progress.update(i, loss=float(total), lr=self.state.optimizer.param_groups[-1]["lr"], iter_time=iter_time)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict:
-        model = self.ema.module if self.ema else dist.unwrap_model(self.model)
+        model = self.state.ema.module if self.state.ema else self.state.module
         model.eval()
         # the pruning schedule of the evaluated weights: the epoch just trained, or for --test-only the
         # epoch of the resumed checkpoint (tuned weights without one: the schedule's end, i.e. keep_ratio)
@@ -287,14 +287,14 @@ class Trainer:
             scalars.update(hook.eval_scalars(stats))
         # undefined metrics (e.g. AP_large without large objects) are NaN: kept in the json, not plotted
         scalars = {k: v for k, v in scalars.items() if not (isinstance(v, float) and math.isnan(v))}
-        self.logger.scalars(scalars, self.global_step)
+        self.logger.scalars(scalars, self.state.step)
         os.makedirs(os.path.join(self.output_dir, "eval"), exist_ok=True)
         tag = "test" if epoch < 0 else f"{epoch}"
         with open(os.path.join(self.output_dir, "eval", f"{tag}.json"), "w") as f:
             json.dump(stats, f, indent=1, default=float)
 
     def schedule_epoch_for_test(self) -> int:
-        return self.start_epoch - 1 if self.resume_path else self.epochs
+        return self.state.epoch - 1 if self.resume_path else self.epochs
 
     def evaluate_only(self) -> dict:
         return self.evaluate(-1)

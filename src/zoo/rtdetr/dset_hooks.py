@@ -3,7 +3,7 @@
 
 It adds no loss: every loss term (CASS, MoE balance) is owned by ``DSETCriterion``. Everything is read from
 the model's output dict (``dset_losses`` names its keys). Registered when this module is imported (it is
-one of the config's COMPONENT_MODULES); the trainer never names DSET.
+imported by the package, src/zoo/rtdetr/__init__.py); the trainer never names DSET.
 """
 from __future__ import annotations
 
@@ -84,9 +84,9 @@ class DSETHook(TrainHook):
             out[f"moe/{k}"] = v
         return out
 
-    def after_step(self, trainer, outputs, targets, images):
+    def after_step(self, step, logger, outputs, targets, images):
         interval = self.dset.vis_interval
-        if not (interval and trainer.global_step % interval == 0 and trainer.is_main):
+        if not (interval and step % interval == 0 and logger.enabled):
             return
         infos = outputs.get("dset_prune_info") or []
         if not infos:
@@ -94,9 +94,9 @@ class DSETHook(TrainHook):
         gt = dl.targets_to_abs_xyxy(targets, images.shape[-2:])
         for level, info in enumerate(infos):
             img = cass_mask_figure(images[0], gt[0], info, self.dset,
-                                   title=f"step {trainer.global_step}, pruned level {level}, keep ratio "
+                                   title=f"step {step}, pruned level {level}, keep ratio "
                                          f"{float(info['keep_ratio']):.2f}")
-            trainer.logger.image(f"cass/mask_level{level}", img, trainer.global_step)
+            logger.image(f"cass/mask_level{level}", img, step)
 
     def eval_batch(self, outputs, targets, images) -> Dict[str, Tensor]:
         sums: Dict[str, Tensor] = {}

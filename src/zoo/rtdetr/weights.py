@@ -1,16 +1,16 @@
-"""Loading official RT-DETRv2 weights into our models (plain or DSET).
+"""The state-dict adapters that let official RT-DETRv2 weights load into our models (plain or DSET).
 
-``load_pretrained(model, path)`` = safe load + format unwrapping + the adapters below + a report of what
-was loaded, skipped (shape mismatch: e.g. class heads for another number of classes) and re-initialised.
+``load_pretrained(model, path)`` (src/misc/checkpoint.py) = safe load + format unwrapping + the registered
+adapters (the two below, registered when this package is imported) + a report of what was loaded, skipped
+(shape mismatch: e.g. class heads for another number of classes) and re-initialised. Re-exported here.
 """
 from __future__ import annotations
 
 import re
 from typing import List, Tuple
 
-from torch import nn
-
-from src.misc.checkpoint import LoadReport, extract_state_dict, load_checkpoint, load_matching_weights
+from src.core.registry import register_weight_adapter
+from src.misc.checkpoint import load_pretrained  # noqa: F401  (re-exported: the loader these adapters serve)
 from src.zoo.rtdetr.moe import expand_dense_ffn_state
 
 _AIFI = re.compile(r"^encoder\.encoder\.(\d+)\.(.*)$")
@@ -38,14 +38,6 @@ def copy_single_aifi_to_all_levels(state_dict: dict, model_state_dict: dict) -> 
                  f"(every attended level starts from the pretrained layer)"]
 
 
-DEFAULT_ADAPTERS = (copy_single_aifi_to_all_levels, expand_dense_ffn_state)
-
-
-def load_pretrained(model: nn.Module, path: str, trusted: bool = False, strict: bool = False) -> LoadReport:
-    """Load weights from ``path`` (official ``{'ema': {'module': sd}}`` / ``{'model': sd}`` / bare state dict).
-
-    ``strict=True``: every key and shape must match (the plain detector with the official checkpoint).
-    Otherwise every matching tensor loads, and the rest stays at its initialisation (reported).
-    """
-    state = extract_state_dict(load_checkpoint(path, trusted=trusted))
-    return load_matching_weights(model, state, adapters=() if strict else DEFAULT_ADAPTERS, strict=strict)
+# the adapters of this model family, applied by load_pretrained (src/misc/checkpoint.py) in this order
+register_weight_adapter(copy_single_aifi_to_all_levels)
+register_weight_adapter(expand_dense_ffn_state)
