@@ -157,9 +157,8 @@ class PrunerBenchModel(nn.Module):
             for c in self.backbone.out_channels)
         self.pruners = nn.ModuleList(PatchLevelPruner(
             input_dim=HIDDEN_DIM, patch_size=settings.patch_size, keep_ratio=settings.keep_ratio,
-            min_patches=settings.min_patches, prune_in_eval=True, token_pruning_warmup_epochs=0,
-            cass_expansion_ratio=mode.expansion_ratio, cass_normalization=mode.normalization)
-            for _ in self.backbone.out_channels)
+            min_patches=settings.min_patches, prune_in_eval=True, token_pruning_warmup_epochs=0)
+            for _ in self.backbone.out_channels)  # the mode is the loss's (mode.cass_config()), not the pruner's
 
     def forward(self, images: Tensor) -> List[dict]:
         infos = []

@@ -187,11 +187,14 @@ def check_input_divisibility(cfg, loaders: dict, max_stride: int):
 
 
 def check_loss_weights(cfg, criterion):
-    name = cfg.get("criterion")
-    for k, w in (getattr(criterion, "weight_dict", None) or {}).items():
-        if not (math.isfinite(float(w)) and float(w) >= 0):
-            raise ConfigError(f"{cfg.where((name, 'weight_dict', k))}: loss weight {k} = {w} must be a "
-                              f"finite number >= 0")
+    """Every loss weight finite and >= 0; a criterion wrapping another (DSETCriterion's ``base``) is checked
+    inner first, so the error names the section that set the weight (e.g. RTDETRCriterionv2.weight_dict)."""
+    for module in reversed(list(criterion.modules())):
+        name = type(module).__name__
+        for k, w in (getattr(module, "weight_dict", None) or {}).items():
+            if not (math.isfinite(float(w)) and float(w) >= 0):
+                raise ConfigError(f"{cfg.where((name, 'weight_dict', k))}: loss weight {k} = {w} must be a "
+                                  f"finite number >= 0")
 
 
 def iters_per_epoch(cfg, train_loader) -> int:
