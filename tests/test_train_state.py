@@ -1,6 +1,8 @@
 """TrainState: the run's modules and counters in one object, whose state_dict / load_state_dict a resume uses."""
 from __future__ import annotations
 
+import io
+
 import torch
 from torch import nn
 
@@ -35,7 +37,10 @@ def test_a_state_loaded_from_another_continues_bit_identically():
     _train(a, 3)
     a.best_ap, a.nonfinite_skipped, a.amp_overflow_steps = 0.25, 1, 2
     b = _state(1)  # other initial weights
-    b.load_state_dict(a.state_dict())
+    buf = io.BytesIO()  # through a file, as a checkpoint goes (a live state_dict shares the optimizer's tensors)
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b.load_state_dict(torch.load(buf, weights_only=True))
     assert (b.step, b.best_ap, b.nonfinite_skipped, b.amp_overflow_steps) == (3, 0.25, 1, 2)
     assert b.lr_scheduler.get_last_lr() == a.lr_scheduler.get_last_lr() == [5e-3]
     _train(a, 2)
