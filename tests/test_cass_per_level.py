@@ -9,10 +9,14 @@ from src.zoo.rtdetr import cass
 from src.zoo.rtdetr import dset_losses as dl
 from src.zoo.rtdetr.cass import CASSConfig
 from src.zoo.rtdetr.dset_config import level_normalizations, validate_dset
-from src.zoo.rtdetr.hybrid_encoder import HybridEncoder
+from src.zoo.rtdetr.dset_decoder import DSETTransformerv2
+from src.zoo.rtdetr.dset_encoder import DSETHybridEncoder
 from tests import cass_oracle as oracle
 from tests.test_cass import IMG, random_boxes
 from tests.test_dset_integration import ENC_KW, feats
+
+DEC_KW = dict(num_classes=3, hidden_dim=64, num_queries=10, feat_channels=[64, 64, 64], num_layers=1, nhead=4,
+              dim_feedforward=64, num_denoising=0)
 
 SHAPES = [(12, 20), (6, 10)]        # P3-like and P4-like levels of the 96 x 160 input
 
@@ -55,10 +59,11 @@ def test_cass_normalization_list_is_validated_with_the_key_named():
 def test_each_pruned_level_gets_its_mode_and_a_wrong_length_is_refused_at_build():
     dset = validate_dset({'patch_size': 2, 'cass_normalization': ['object_balanced', 'area_patch']})
     assert [c.normalization for c in dset.cass.level_configs(2)] == ['object_balanced', 'area_patch']
-    enc = HybridEncoder(**ENC_KW, dset=dset)
+    enc = DSETHybridEncoder(**ENC_KW, dset=dset)
     enc.eval()(feats())
     assert len(enc.last_prune_info) == 2
     from src.zoo.rtdetr.dset_model import DSETRTDETR
     with pytest.raises(ValueError, match='use_encoder_idx'):
-        DSETRTDETR(torch.nn.Identity(), HybridEncoder(**ENC_KW, dset=validate_dset({'cass_normalization': ['patch']})),
-                   torch.nn.Identity(), dset=validate_dset({'cass_normalization': ['patch']}))
+        one = validate_dset({'cass_normalization': ['patch']})
+        DSETRTDETR(torch.nn.Identity(), DSETHybridEncoder(**ENC_KW, dset=one), DSETTransformerv2(**DEC_KW, dset=one),
+                   dset=one)

@@ -261,3 +261,13 @@ def test_readme_coco_example_is_the_config_file_and_it_parses_and_builds_on_a_co
     ds = cfg.build_spec(cfg["train_dataloader"]["dataset"], ("train_dataloader", "dataset"))
     image, target = ds[0]
     assert tuple(image.shape) == (3, 640, 640) and target["labels"].tolist() == [0]
+
+
+def test_the_dset_config_survives_the_emas_deep_copy_and_pickling():
+    import copy
+    import pickle
+
+    d = validate_dset({"cass_normalization": ["patch", "object"], "keep_ratio": 0.5})
+    assert copy.deepcopy(d) is d  # immutable: shared by the model and its EMA copy
+    back = pickle.loads(pickle.dumps(d))
+    assert back == d and back.cass.normalization == ("patch", "object") and back.pruner.keep_ratio == 0.5

@@ -155,3 +155,34 @@ def test_a_per_level_mode_list_that_does_not_fit_the_pruned_levels_fails_at_buil
 
 def test_hooks_have_no_loss_entry_point():
     assert not hasattr(TrainHook, "extra_losses")
+
+
+def test_dset_modules_take_the_official_sections_and_refuse_a_section_of_their_own(tmp_path):
+    cfg = YAMLConfig("configs/dset4_r18_synth_cpu.yaml", overrides=["input_size=[128, 128]",
+                                                                      "HybridEncoder.nhead=4"])
+    model = cfg.model
+    assert type(model.encoder).__name__ == "DSETHybridEncoder" and model.encoder.encoder[0].layers[0].self_attn.num_heads == 4
+    assert type(model.decoder).__name__ == "DSETTransformerv2" and model.decoder.num_classes == cfg["num_classes"]
+    with pytest.raises(ConfigError, match=r"DSETHybridEncoder takes its settings from the HybridEncoder: section"):
+        YAMLConfig("configs/dset4_r18_synth_cpu.yaml", overrides=["DSETHybridEncoder.nhead=4"])
+
+
+def test_a_plain_encoder_under_a_dset_section_is_refused_at_build():
+    cfg = YAMLConfig("configs/dset4_r18_synth_cpu.yaml",
+                     overrides=["input_size=[128, 128]", "DSETRTDETR.encoder=HybridEncoder"])
+    with pytest.raises(ConfigError, match="DSETRTDETR.encoder is HybridEncoder but the dset: section is on"):
+        cfg.model
+
+
+def test_with_dset_off_the_dset_modules_are_the_official_ones():
+    torch.manual_seed(0)
+    plain = YAMLConfig("configs/rtdetrv2_r18vd_coco.yaml", overrides=["input_size=[128, 128]", "num_classes=5"]).model
+    torch.manual_seed(0)
+    off = YAMLConfig("configs/dset4_r18_synth_cpu.yaml", overrides=["input_size=[128, 128]", "dset.enabled=false",
+                                                                    "HybridEncoder.use_encoder_idx=[2]"]).model
+    a, b = plain.state_dict(), off.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        pa, pb = plain.eval()(x), off.eval()(x)
+    assert torch.equal(pa["pred_logits"], pb["pred_logits"]) and torch.equal(pa["pred_boxes"], pb["pred_boxes"])

@@ -5,6 +5,7 @@ import torch
 from src.zoo.rtdetr import cass
 from src.zoo.rtdetr.dset_config import validate_dset
 from src.zoo.rtdetr.dset_losses import targets_to_abs_xyxy
+from src.zoo.rtdetr.dset_encoder import DSETHybridEncoder
 from src.zoo.rtdetr.hybrid_encoder import HybridEncoder
 from src.zoo.rtdetr.moe import MoEFFN
 
@@ -22,7 +23,7 @@ def encoders(**dset_overrides):
     plain = HybridEncoder(**ENC_KW).eval()
     dset = validate_dset({"patch_size": 2, "encoder_moe_num_experts": 0, **dset_overrides})
     torch.manual_seed(0)
-    pruned = HybridEncoder(**ENC_KW, dset=dset).eval()
+    pruned = DSETHybridEncoder(**ENC_KW, dset=dset).eval()
     missing, unexpected = pruned.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("pruners.") for k in missing)
     return plain, pruned

@@ -101,3 +101,26 @@ def test_nothing_in_the_package_imports_modules_by_name_strings():
 def test_the_training_loop_imports_nothing_of_the_zoo(name):
     zoo = [m for _, m in imported_modules(REPO / "src" / "solver" / name) if m.startswith("src.zoo")]
     assert zoo == [], zoo
+
+
+OFFICIAL_MODULES = ("hybrid_encoder", "rtdetrv2_decoder", "rtdetr", "rtdetrv2_criterion", "matcher",
+                    "rtdetr_postprocessor", "denoising", "deformable_attention", "position_embedding", "box_ops")
+DSET_MODULES = ("patch_level_pruning", "moe", "cass", "cass_targets", "cass_losses", "cass_metrics", "dset_config",
+                "dset_encoder", "dset_decoder", "dset_model", "dset_criterion", "dset_losses", "dset_hooks")
+
+
+@pytest.mark.parametrize("name", OFFICIAL_MODULES)
+def test_the_official_modules_import_nothing_of_dset_and_name_it_nowhere_in_code(name):
+    path = REPO / "src" / "zoo" / "rtdetr" / f"{name}.py"
+    bad = [m for _, m in imported_modules(path) if m.rsplit(".", 1)[-1] in DSET_MODULES]
+    assert bad == []
+    tree = ast.parse(path.read_text())
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | \
+            {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} | \
+            {a.arg for n in ast.walk(tree) if isinstance(n, ast.arguments) for a in n.args + n.kwonlyargs}
+    assert not [n for n in names if any(w in n.lower() for w in ("dset", "cass", "moe", "prune"))]
+
+
+def test_every_zoo_module_is_official_or_dset():
+    found = {p.stem for p in (REPO / "src" / "zoo" / "rtdetr").glob("*.py")} - {"__init__", "deploy", "weights"}
+    assert found == set(OFFICIAL_MODULES) | set(DSET_MODULES)

@@ -296,7 +296,7 @@ def _bad_configs(tmp_path: Path, data_root: Path) -> dict:
         "negative expansion": (variant("expansion", f"__include__: [{good}]\ndset: {{cass_expansion_ratio: -1}}\n"),
                                "dset.cass_expansion_ratio"),
         "negative encoder size": (variant("encoder", f"__include__: [{good}]\nHybridEncoder: {{expansion: -0.5}}\n"),
-                                  "HybridEncoder: building HybridEncoder failed"),
+                                  "HybridEncoder: building DSETHybridEncoder failed"),
         "top_k > num_experts": (variant("topk", f"__include__: [{good}]\ndset: {{num_experts: 2, top_k: 3}}\n"),
                                 "top_k"),
         "num_classes < dataset classes": (variant("classes", f"__include__: [{good}]\nnum_classes: 3\n"),

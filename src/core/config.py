@@ -69,6 +69,12 @@ DATALOADER_KEYS = {
 BUILDER_SECTIONS = ("optimizer", "lr_scheduler", "lr_warmup_scheduler", "ema")
 
 
+def section_of(cls, name: str) -> str:
+    """The top-level section a registered component is built from: its own name, or the section named by its
+    class's ``__config_section__`` (a subclass that extends a component and takes the same keys)."""
+    return getattr(cls, "__config_section__", None) or name
+
+
 class YAMLConfig:
     """The merged, validated config of one run.
 
@@ -106,6 +112,10 @@ class YAMLConfig:
             if key in GLOBAL_KEYS or key in sections:
                 continue
             if key in components:
+                owner = section_of(registry.get(key), key)
+                if owner != key:
+                    raise ConfigError(f"{self.where((key,))}: {key} takes its settings from the {owner}: section "
+                                      f"(it extends {owner}); move these keys to {owner}:")
                 self._check_component_section(key, value, (key,))
                 continue
             raise ConfigError(f"{self.where((key,))}: unknown top-level key {key!r}. Valid settings: "
@@ -203,9 +213,10 @@ class YAMLConfig:
         recursively; ``__share__`` arguments come from the top-level keys of the same name.
         """
         cls = registry.get(name)
-        section = copy.deepcopy(self.yaml_cfg.get(name) or {})
+        owner = section_of(cls, name)  # a registered subclass may take its parent's section (DSETHybridEncoder)
+        section = copy.deepcopy(self.yaml_cfg.get(owner) or {})
         section.pop("type", None)
-        return self._instantiate(cls, section, (name,), extra)
+        return self._instantiate(cls, section, (owner,), extra)
 
     def build_spec(self, spec: dict, path: tuple, **extra):
         spec = copy.deepcopy(spec)

@@ -83,12 +83,18 @@ def registered_names():
 
 
 def constructor_params(obj) -> Dict[str, inspect.Parameter]:
-    """Keyword parameters accepted by a registered class or function (self and *args excluded)."""
+    """Keyword parameters accepted by a registered class or function (self and *args excluded). A subclass
+    whose ``__init__`` passes ``**kwargs`` on (e.g. DSETHybridEncoder) also accepts its parents' parameters."""
     fn = obj.__init__ if inspect.isclass(obj) else obj
     params = dict(inspect.signature(fn).parameters)
     params.pop("self", None)
-    return {k: p for k, p in params.items()
-            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    out = {k: p for k, p in params.items()
+           if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    if inspect.isclass(obj) and any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        for base in obj.__mro__[1:]:
+            if "__init__" in vars(base) and base is not object:
+                return {**constructor_params(base), **out}
+    return out
 
 
 def build(spec: dict, where: str = "config", **extra):

@@ -157,6 +157,12 @@ class DSETConfig:
     vis_interval: int
     values: Mapping[str, Any]
 
+    def __deepcopy__(self, memo):  # immutable: a deep copy of a model holding it (the EMA) shares it
+        return self
+
+    def __reduce__(self):  # picklable (the read-only mapping is not): rebuilt from its values
+        return _build, (dict(self.values),)
+
 
 def _build(out: dict) -> DSETConfig:
     norm = out["cass_normalization"]
@@ -226,6 +232,7 @@ def level_normalizations(value, num_levels: int) -> List[str]:
 
 register_section("dset", validate_dset, "DSET settings (pruner, MoE, CASS); see docs/dset.md",
                  requires={"model": "DSETRTDETR", "criterion": "DSETCriterion"})
+# (DSETRTDETR's own section in configs/include/dset.yaml names DSETHybridEncoder and DSETTransformerv2)
 
 
 def dset_table_markdown() -> str:

@@ -31,7 +31,7 @@ from src.zoo.rtdetr.dset_config import DSETConfig
 @register()
 class DSETCriterion(nn.Module):
     """forward(outputs, targets, epoch=None) -> the base criterion's weighted terms plus ``loss_cass`` (when
-    ``dset.use_cass`` and a level is pruned) and ``loss_moe_balance_{encoder,decoder}`` (when that part has
+    ``dset.use_cass``; every pruned level gives its info, also inside the pruning warmup) and ``loss_moe_balance_{encoder,decoder}`` (when that part has
     experts). ``epoch`` drives the CASS warmup (None: full weight)."""
 
     __inject__ = ["base"]
@@ -66,7 +66,10 @@ class DSETCriterion(nn.Module):
             return terms
         infos = outputs.get("dset_prune_info") or []
         settings = self.dset.cass
-        if settings.enabled and infos:
+        if settings.enabled and not infos:
+            raise KeyError("DSETCriterion: dset.use_cass is on but the model's outputs have no dset_prune_info; "
+                           "build the model as DSETRTDETR with encoder DSETHybridEncoder (configs/include/dset.yaml)")
+        if settings.enabled:
             img_shape = outputs["input_shape"]
             gt = dl.targets_to_abs_xyxy(targets, img_shape)
             raw = dl.compute_cass(infos, gt, img_shape, self.dset.pruner.patch_size,

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from src.core.registry import register
+from src.zoo.rtdetr.dset_decoder import DSETTransformerv2
+from src.zoo.rtdetr.dset_encoder import DSETHybridEncoder
 from src.zoo.rtdetr.moe import MoEFFN
 from src.zoo.rtdetr.rtdetr import RTDETR
 
@@ -38,9 +40,13 @@ class DSETRTDETR(RTDETR):
 
     def __init__(self, backbone: nn.Module, encoder: nn.Module, decoder: nn.Module, dset: Optional[Any] = None):
         super().__init__(backbone, encoder, decoder)
-        pruners = getattr(encoder, "pruners", None)
-        if dset is not None and pruners is not None:
-            dset.cass.level_configs(len(pruners))  # a per-level cass_normalization must fit the pruned levels
+        if dset is not None:
+            for part, module, cls in (("encoder", encoder, DSETHybridEncoder), ("decoder", decoder, DSETTransformerv2)):
+                if not isinstance(module, cls):
+                    raise ValueError(f"DSETRTDETR.{part} is {type(module).__name__} but the dset: section is on, "
+                                     f"which needs {cls.__name__} (configs/include/dset.yaml); a plain {part} would "
+                                     f"train without DSET's pruners / experts and say nothing")
+            dset.cass.level_configs(len(encoder.pruners))  # a per-level cass_normalization must fit the levels
         self._moe_names = {"encoder": moe_layer_names(encoder), "decoder": moe_layer_names(decoder)}
 
     def forward(self, x: torch.Tensor, targets: Optional[List[Dict[str, torch.Tensor]]] = None) -> Dict[str, Any]:

@@ -1,7 +1,8 @@
 """RT-DETRv2 hybrid encoder: per-level input projections, AIFI (transformer self-attention on the
 coarsest level(s)) and CCFM (top-down FPN + bottom-up PAN with CSP-RepVGG blocks).
 
-Extension points (DSET):
+Extension points (a subclass uses them, e.g. dset_encoder.DSETHybridEncoder; this module names no extension):
+- ``HybridEncoder.build_attention_extras()``, called in ``__init__`` after the attention layers;
 - ``HybridEncoder.encode_level(enc_i, proj_feat, src_key_padding_mask)`` runs the attention of one level;
   ``HybridEncoder.position_embedding(enc_i, h, w, device)`` gives its [1, h*w, C] position embedding.
 - ``TransformerEncoderLayer.forward`` takes ``src_key_padding_mask`` (padded / pruned sequences) and a
@@ -12,15 +13,13 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Any, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from src.core.registry import register
-from src.zoo.rtdetr.moe import replace_ffn_with_moe
-from src.zoo.rtdetr.patch_level_pruning import PatchLevelPruner
 from src.nn.backbone.common import ConvNormLayer, get_activation
 from src.zoo.rtdetr.position_embedding import TOKEN_ORDERS, sincos_position_embedding_2d
 
@@ -84,12 +83,9 @@ class TransformerEncoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
         self.activation = get_activation(activation)
-        self.moe = None  # set by moe.replace_ffn_with_moe (DSET encoder experts)
 
     def forward_ffn(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, N, C] -> [B, N, C]: ``linear2(dropout(act(linear1(x))))``, or the MoE when DSET set one."""
-        if self.moe is not None:
-            return self.moe(x)
+        """x [B, N, C] -> [B, N, C]: ``linear2(dropout(act(linear1(x))))``."""
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
     def forward(self, src: torch.Tensor, src_mask: Optional[torch.Tensor] = None,
@@ -162,25 +158,23 @@ class HybridEncoder(nn.Module):
         version: only 'v2' (input_proj keys ``input_proj.{i}.conv`` / ``.norm``).
         pe_token_order: 'rtdetr' (published code, default) or 'row_major'; identical on square maps,
             see ``src/zoo/rtdetr/position_embedding.py`` for non-square inputs.
-        dset: the validated ``dset:`` settings (``dset_config.DSETConfig``) or None. When set, every level in
-            use_encoder_idx gets a PatchLevelPruner before its attention (kept tokens attend among
-            themselves with their gathered position embeddings, then are scattered back over the level's
-            projected map: pruned cells keep their projected features), and, with
-            ``encoder_moe_num_experts > 0``, the AIFI FFNs become mixtures of experts.
+
+    Extension points (the plain encoder uses neither): ``build_attention_extras()`` is called in ``__init__``
+    right after the attention layers are built, before the CCFM, and ``encode_level`` encodes one attended
+    level (DSET's ``dset_encoder.DSETHybridEncoder`` prunes there).
 
     forward(feats: list of [B, in_channels[i], H_i, W_i], each level half the size of the previous one)
         -> list of [B, hidden_dim, H_i, W_i], same strides.
     """
 
     __share__ = ["eval_spatial_size"]
-    __sections__ = ["dset"]
 
     def __init__(self, in_channels: Sequence[int] = (512, 1024, 2048), feat_strides: Sequence[int] = (8, 16, 32),
                  hidden_dim: int = 256, nhead: int = 8, dim_feedforward: int = 1024, dropout: float = 0.0,
                  enc_act: str = "gelu", use_encoder_idx: Sequence[int] = (2,), num_encoder_layers: int = 1,
                  pe_temperature: float = 10000, expansion: float = 1.0, depth_mult: float = 1.0,
                  act: str = "silu", eval_spatial_size: Optional[Sequence[int]] = None, version: str = "v2",
-                 pe_token_order: str = "rtdetr", dset: Optional[Any] = None):
+                 pe_token_order: str = "rtdetr"):
         super().__init__()
         if version != "v2":
             raise ValueError(f"HybridEncoder: version={version!r} is not supported; only 'v2' (the RT-DETRv2 "
@@ -218,16 +212,8 @@ class HybridEncoder(nn.Module):
         self.encoder = nn.ModuleList(
             TransformerEncoder(copy.deepcopy(encoder_layer), num_encoder_layers) for _ in self.use_encoder_idx)
 
-        self.pruners = None
-        self.last_prune_info: List[dict] = []
-        if dset is not None:
-            pruner_kwargs = dset.pruner.kwargs(hidden_dim)
-            self.pruners = nn.ModuleList(PatchLevelPruner(**pruner_kwargs) for _ in self.use_encoder_idx)
-            if dset.moe.encoder_num_experts > 0:
-                for enc in self.encoder:
-                    for layer in enc.layers:
-                        replace_ffn_with_moe(layer, dset.moe.encoder_num_experts, dset.moe.encoder_top_k,
-                                             dset.moe.noise_std, enc_act)
+        self.enc_act = enc_act
+        self.build_attention_extras()  # here, so a subclass's modules keep their place in the init order
 
         num_blocks = round(3 * depth_mult)
         num_fusions = len(in_channels) - 1
@@ -249,6 +235,9 @@ class HybridEncoder(nn.Module):
                 h, w = self.eval_spatial_size[0] // stride, self.eval_spatial_size[1] // stride
                 self.register_buffer(f"pos_embed{level}", self._build_pos_embed(h, w), persistent=False)
                 self._cached_pos_size[level] = (h, w)
+
+    def build_attention_extras(self):
+        """Add modules that belong to the attended levels (subclasses); the plain encoder adds none."""
 
     def _build_pos_embed(self, h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
         return sincos_position_embedding_2d(h, w, self.hidden_dim, self.pe_temperature, self.pe_token_order,
@@ -276,39 +265,14 @@ class HybridEncoder(nn.Module):
         b, c, h, w = proj_feat.shape
         src = proj_feat.flatten(2).permute(0, 2, 1)  # [B, h*w, C]
         pos_embed = self.position_embedding(enc_i, h, w, src.device)
-        if self.pruners is not None:
-            memory = self._encode_pruned(enc_i, src, pos_embed, (h, w))
-        else:
-            memory = self.encoder[enc_i](src, pos_embed=pos_embed, src_key_padding_mask=src_key_padding_mask)
+        memory = self.encoder[enc_i](src, pos_embed=pos_embed, src_key_padding_mask=src_key_padding_mask)
         return memory.permute(0, 2, 1).reshape(b, c, h, w).contiguous()
-
-    def _encode_pruned(self, enc_i: int, src: torch.Tensor, pos_embed: torch.Tensor, hw) -> torch.Tensor:
-        """Prune, attend among kept tokens, scatter back. src [B, N, C], pos_embed [1, N, C] -> [B, N, C].
-
-        Invalid slots (patch cells beyond the map edge) are key-padding for the attention and are
-        not scattered back; pruned cells keep their input features.
-        """
-        kept, kept_idx, info = self.pruners[enc_i](src, hw)
-        self.last_prune_info.append(info)
-        if not info["pruned"]:
-            return self.encoder[enc_i](src, pos_embed=pos_embed)
-        b, n, c = src.shape
-        gather_idx = kept_idx.unsqueeze(-1).expand(-1, -1, c)
-        kept_pos = pos_embed.expand(b, -1, -1).gather(1, gather_idx)
-        valid = info["kept_valid"]
-        memory = self.encoder[enc_i](kept, pos_embed=kept_pos, src_key_padding_mask=~valid)
-        # scatter valid slots back; invalid slots go to a scratch row n that is dropped afterwards
-        target_idx = torch.where(valid, kept_idx, torch.full_like(kept_idx, n)).unsqueeze(-1).expand(-1, -1, c)
-        out = torch.cat([src, src.new_zeros(b, 1, c)], dim=1)
-        out = out.scatter(1, target_idx, memory.to(out.dtype))
-        return out[:, :n]
 
     def forward(self, feats: List[torch.Tensor]) -> List[torch.Tensor]:
         if len(feats) != len(self.in_channels):
             raise ValueError(f"HybridEncoder: got {len(feats)} feature maps, expected {len(self.in_channels)} "
                              f"(in_channels={self.in_channels}); check the backbone's return_idx")
         proj_feats = [proj(feat) for proj, feat in zip(self.input_proj, feats)]
-        self.last_prune_info = []
         if self.num_encoder_layers > 0:
             for enc_i, level in enumerate(self.use_encoder_idx):
                 proj_feats[level] = self.encode_level(enc_i, proj_feats[level])

@@ -223,12 +223,33 @@ def expand_dense_ffn_state(state_dict: dict, model_state_dict: dict):
     return new_state, messages
 
 
+class _ExpertFFN:
+    """Mixin of the layer classes ``replace_ffn_with_moe`` makes: the FFN is the layer's MoE."""
+
+    def forward_ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.moe(x)
+
+
+_EXPERT_CLASSES: dict = {}
+
+
+def expert_layer_class(cls: type) -> type:
+    """``cls`` with ``forward_ffn`` routed through ``self.moe`` (one class per layer class, made once)."""
+    if issubclass(cls, _ExpertFFN):
+        return cls
+    if cls not in _EXPERT_CLASSES:
+        _EXPERT_CLASSES[cls] = type(f"MoE{cls.__name__}", (_ExpertFFN, cls),
+                                    {"__module__": cls.__module__, "__doc__": f"{cls.__name__} whose FFN is a "
+                                                                              f"mixture of experts (layer.moe)."})
+    return _EXPERT_CLASSES[cls]
+
+
 def replace_ffn_with_moe(layer: nn.Module, num_experts: int, top_k: int, noise_std: float,
                          activation: str) -> nn.Module:
     """Swap a transformer layer's dense FFN (``linear1``/``linear2``) for ``layer.moe = MoEFFN(...)``.
 
-    The dense Linear modules are removed (so the state dict has ``moe.*`` instead of ``linear1/2.*``);
-    the layer's ``forward_ffn`` must route through ``self.moe`` when it is set. Experts start with
+    The dense Linear modules are removed (so the state dict has ``moe.*`` instead of ``linear1/2.*``) and the
+    layer becomes an instance of ``expert_layer_class(type(layer))``, whose ``forward_ffn`` is ``self.moe``. Experts start with
     independent random initialisation; tuning from a dense checkpoint copies the dense FFN into every
     expert (``expand_dense_ffn_state``).
     """
@@ -238,4 +259,5 @@ def replace_ffn_with_moe(layer: nn.Module, num_experts: int, top_k: int, noise_s
     layer.moe = MoEFFN(d_model, dim_ff, num_experts, top_k, noise_std, activation, p)
     del layer.linear1
     del layer.linear2
-    return layer
+    layer.__class__ = expert_layer_class(type(layer))  # its forward_ffn is now the MoE; the layer's own code
+    return layer                                        # (an official module) knows nothing of experts

@@ -16,14 +16,13 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn import init
 
 from src.core.registry import register
-from src.zoo.rtdetr.moe import replace_ffn_with_moe
 from src.nn.activation import get_activation
 from src.nn.mlp import MLP
 from src.zoo.rtdetr.box_ops import inverse_sigmoid
@@ -91,12 +90,9 @@ class TransformerDecoderLayer(nn.Module):
 
         init.xavier_uniform_(self.linear1.weight)
         init.xavier_uniform_(self.linear2.weight)
-        self.moe = None  # set by moe.replace_ffn_with_moe (DSET)
 
     def forward_ffn(self, x: Tensor) -> Tensor:
         """Position-wise feed-forward: [B, N, d_model] -> [B, N, d_model] (the residual is added by forward)."""
-        if self.moe is not None:
-            return self.moe(x)
         return self.linear2(self.dropout3(self.activation(self.linear1(x))))
 
     def forward(self, target: Tensor, reference_points: Tensor, memory: Tensor,
@@ -177,7 +173,6 @@ class RTDETRTransformerv2(nn.Module):
     """RT-DETRv2 decoder. ``feats``: list of [B, feat_channels[l], H / feat_strides[l], W / feat_strides[l]]."""
 
     __share__ = ["num_classes", "eval_spatial_size"]
-    __sections__ = ["dset"]  # the validated dset: settings (DSETConfig) or None: decoder experts
 
     def __init__(self,
                  num_classes: int = 80,
@@ -201,8 +196,7 @@ class RTDETRTransformerv2(nn.Module):
                  eps: float = 1e-2,
                  aux_loss: bool = True,
                  cross_attn_method: str = "default",
-                 query_select_method: str = "default",
-                 dset: Optional[Any] = None):
+                 query_select_method: str = "default"):
         super().__init__()
         feat_channels, feat_strides = list(feat_channels), list(feat_strides)
         if len(feat_channels) > num_levels:
@@ -242,9 +236,8 @@ class RTDETRTransformerv2(nn.Module):
         layer = TransformerDecoderLayer(hidden_dim, nhead, dim_feedforward, dropout, activation, num_levels,
                                         num_points, cross_attn_method=cross_attn_method)
         self.decoder = TransformerDecoder(hidden_dim, layer, num_layers, eval_idx)
-        if dset is not None and dset.moe.num_experts > 0:
-            for dec_layer in self.decoder.layers:
-                replace_ffn_with_moe(dec_layer, dset.moe.num_experts, dset.moe.top_k, dset.moe.noise_std, activation)
+        self.ffn_activation = activation
+        self.build_decoder_extras()  # here, so a subclass's modules keep their place in the init order
 
         if num_denoising > 0:
             self.denoising_class_embed = nn.Embedding(num_classes + 1, hidden_dim, padding_idx=num_classes)
@@ -269,6 +262,10 @@ class RTDETRTransformerv2(nn.Module):
         self._reset_parameters()
 
     # ---------------------------------------------------------------- construction
+    def build_decoder_extras(self):
+        """Called in ``__init__`` right after the decoder layers are built: a subclass adds or swaps modules of
+        the layers here (e.g. mixture-of-experts FFNs); the plain decoder adds none."""
+
     def _build_input_proj(self, feat_channels: List[int]) -> nn.ModuleList:
         """1x1 conv + BN per input level; extra levels are 3x3 stride-2 conv + BN on the previous one."""
         projections = nn.ModuleList(

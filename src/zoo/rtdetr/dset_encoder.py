@@ -1,0 +1,90 @@
+"""DSETHybridEncoder: the RT-DETRv2 hybrid encoder with DSET's token pruners and (optionally) encoder experts.
+
+Built from the ``HybridEncoder:`` section (``__config_section__``) plus the validated ``dset:`` settings; with
+``dset`` None (``dset.enabled: false``) it is exactly the plain encoder. It uses the plain encoder's two
+extension points:
+
+- ``build_attention_extras``: one ``PatchLevelPruner`` per attended level (``dset.pruner``), and the AIFI
+  FFNs become mixtures of experts when ``dset.moe.encoder_num_experts > 0`` (built at the plain encoder's
+  point of construction, so the initialisation order, and with it a seeded run, is unchanged);
+- ``encode_level``: prune, attend among the kept tokens with their gathered position embeddings, scatter
+  back over the level's projected map (pruned cells keep their projected features).
+
+After every forward, ``last_prune_info`` holds one pruner info dict per attended level (read by
+``DSETRTDETR`` into the output dict).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from src.core.registry import register
+from src.zoo.rtdetr.dset_config import DSETConfig
+from src.zoo.rtdetr.hybrid_encoder import HybridEncoder
+from src.zoo.rtdetr.moe import replace_ffn_with_moe
+from src.zoo.rtdetr.patch_level_pruning import PatchLevelPruner
+
+__all__ = ["DSETHybridEncoder"]
+
+
+@register()
+class DSETHybridEncoder(HybridEncoder):
+    """HybridEncoder(**its section) + ``dset``; forward as HybridEncoder, with pruned attention."""
+
+    __config_section__ = "HybridEncoder"
+    __sections__ = ["dset"]
+
+    def __init__(self, *args, dset: Optional[DSETConfig] = None, **kwargs):
+        object.__setattr__(self, "_dset_settings", dset)  # read by build_attention_extras during super().__init__
+        super().__init__(*args, **kwargs)
+
+    def build_attention_extras(self):
+        dset = self._dset_settings
+        self.pruners: Optional[nn.ModuleList] = None
+        self.last_prune_info: List[dict] = []
+        if dset is None:
+            return
+        pruner_kwargs = dset.pruner.kwargs(self.hidden_dim)
+        self.pruners = nn.ModuleList(PatchLevelPruner(**pruner_kwargs) for _ in self.use_encoder_idx)
+        if dset.moe.encoder_num_experts > 0:
+            for enc in self.encoder:
+                for layer in enc.layers:
+                    replace_ffn_with_moe(layer, dset.moe.encoder_num_experts, dset.moe.encoder_top_k,
+                                         dset.moe.noise_std, self.enc_act)
+
+    def forward(self, feats: List[torch.Tensor]) -> List[torch.Tensor]:
+        self.last_prune_info = []
+        return super().forward(feats)
+
+    def encode_level(self, enc_i: int, proj_feat: torch.Tensor,
+                     src_key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.pruners is None:
+            return super().encode_level(enc_i, proj_feat, src_key_padding_mask)
+        b, c, h, w = proj_feat.shape
+        src = proj_feat.flatten(2).permute(0, 2, 1)  # [B, h*w, C]
+        pos_embed = self.position_embedding(enc_i, h, w, src.device)
+        memory = self._encode_pruned(enc_i, src, pos_embed, (h, w))
+        return memory.permute(0, 2, 1).reshape(b, c, h, w).contiguous()
+
+    def _encode_pruned(self, enc_i: int, src: torch.Tensor, pos_embed: torch.Tensor, hw) -> torch.Tensor:
+        """Prune, attend among kept tokens, scatter back. src [B, N, C], pos_embed [1, N, C] -> [B, N, C].
+
+        Invalid slots (patch cells beyond the map edge) are key-padding for the attention and are
+        not scattered back; pruned cells keep their input features.
+        """
+        kept, kept_idx, info = self.pruners[enc_i](src, hw)
+        self.last_prune_info.append(info)
+        if not info["pruned"]:
+            return self.encoder[enc_i](src, pos_embed=pos_embed)
+        b, n, c = src.shape
+        gather_idx = kept_idx.unsqueeze(-1).expand(-1, -1, c)
+        kept_pos = pos_embed.expand(b, -1, -1).gather(1, gather_idx)
+        valid = info["kept_valid"]
+        memory = self.encoder[enc_i](kept, pos_embed=kept_pos, src_key_padding_mask=~valid)
+        # scatter valid slots back; invalid slots go to a scratch row n that is dropped afterwards
+        target_idx = torch.where(valid, kept_idx, torch.full_like(kept_idx, n)).unsqueeze(-1).expand(-1, -1, c)
+        out = torch.cat([src, src.new_zeros(b, 1, c)], dim=1)
+        out = out.scatter(1, target_idx, memory.to(out.dtype))
+        return out[:, :n]
