@@ -190,3 +190,56 @@ def test_training_noise_changes_routing_only_in_train_mode():
     torch.manual_seed(8)
     d = moe(x)
     assert not torch.allclose(c, d)
+
+
+def noisy_reference(moe: MoEFFN, x: torch.Tensor, noise: torch.Tensor):
+    """dense_reference with the router noise given: (output, router probs [T, E]) in training mode."""
+    flat = x.reshape(-1, moe.d_model)
+    logits = flat @ moe.gate.weight.T + moe.gate.bias + noise * moe.noise_std
+    top_logit, top_idx = logits.topk(moe.top_k, dim=-1)
+    weights = torch.zeros_like(logits).scatter(1, top_idx, top_logit.softmax(-1))
+    act = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[moe.activation_name]
+    out = sum(weights[:, e:e + 1] * (act(flat @ moe.w1[e].T + moe.b1[e]) @ moe.w2[e].T + moe.b2[e])
+              for e in range(moe.num_experts))
+    return out.view_as(x), logits.softmax(-1), top_idx
+
+
+def test_training_mode_routing_with_seeded_noise_equals_the_reference_and_its_statistics():
+    torch.manual_seed(3)
+    moe = MoEFFN(16, 24, num_experts=4, top_k=2, noise_std=0.5).train()
+    x = torch.randn(3, 11, 16)
+    torch.manual_seed(99)
+    noise = torch.randn(33, 4)  # what randn_like draws inside route() after the same seed
+    torch.manual_seed(99)
+    y = moe(x)
+    ref, probs, top_idx = noisy_reference(moe, x, noise)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    fraction = torch.stack([(top_idx == e).float().sum() for e in range(4)]) / (33 * 2)
+    torch.testing.assert_close(moe.last_aux["expert_fraction"], fraction)
+    torch.testing.assert_close(moe.last_aux["router_prob"], probs.mean(0))
+    # the noise matters: without it (eval) the output differs
+    with torch.no_grad():
+        assert not torch.allclose(moe.eval()(x), y.detach(), atol=1e-4)
+
+
+def test_zero_tokens_give_an_empty_output_and_a_zero_balance_loss_with_a_gradient_path():
+    moe = MoEFFN(8, 16, num_experts=3, top_k=2).train()
+    y = moe(torch.zeros(2, 0, 8))
+    assert y.shape == (2, 0, 8)
+    assert moe.last_aux["balance_loss"].item() == 0.0 and torch.equal(moe.last_aux["expert_fraction"], torch.zeros(3))
+    moe.last_aux["balance_loss"].backward()  # reaches the router (zero gradient), as DDP needs
+    assert moe.gate.weight.grad is not None and torch.count_nonzero(moe.gate.weight.grad) == 0
+
+
+def test_routing_under_bfloat16_autocast_keeps_float32_router_logits_and_is_close_to_float32():
+    torch.manual_seed(4)
+    moe = MoEFFN(16, 32, num_experts=4, top_k=2, noise_std=0.0).eval()
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        ref = moe(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            probs, top_idx, top_weight = moe.route(x)
+            y = moe(x)
+    assert probs.dtype == torch.float32 and top_weight.dtype == torch.float32
+    torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.05)  # bfloat16 experts: 3 significant digits
+    assert (top_idx.sort(-1).values == moe.gate(x).topk(2, -1).indices.sort(-1).values).float().mean() > 0.9
