@@ -186,3 +186,112 @@ def test_an_unlabelled_dataset_cannot_be_evaluated_and_the_error_names_the_json(
     ds = CocoDetection(img_dir, str(ann), check_images=False, allow_unlabelled=True)
     with pytest.raises(ValueError, match=r"list\.json.*no 'annotations'.*not evaluated"):
         evaluator_for(ds, ds.classes)
+
+
+# ----------------------------------------------------------------------------- header cache
+def _counting_reads(monkeypatch):
+    """Count the image files whose header is read (src.data.image_io.read_header)."""
+    import src.data.image_io as image_io
+    opened = []
+    real = image_io.read_header
+    monkeypatch.setattr(image_io, "read_header", lambda path: opened.append(path) or real(path))
+    return opened
+
+
+def _cached_set(tmp_path, n=70):
+    images = [img_entry(i, W, H) for i in range(1, n + 1)]
+    img_dir, ann = write_coco(tmp_path, images, [], CATS)
+    return img_dir, ann, str(tmp_path / "cache")
+
+
+def test_a_second_start_opens_no_image_file_and_a_changed_mtime_or_size_is_read_again(tmp_path, monkeypatch):
+    import os
+    from PIL import Image
+    img_dir, ann, cache = _cached_set(tmp_path)
+    opened = _counting_reads(monkeypatch)
+    CocoDetection(img_dir, ann, header_cache=cache)
+    assert len(opened) == 70 and len(os.listdir(cache)) == 1
+    opened.clear()
+    ds = CocoDetection(img_dir, ann, header_cache=cache)
+    assert opened == [] and len(ds) == 70
+    touched, rewritten = os.path.join(img_dir, "005.jpg"), os.path.join(img_dir, "009.jpg")
+    st = os.stat(touched)
+    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))          # mtime only
+    st = os.stat(rewritten)
+    Image.new("RGB", (W, H), (1, 2, 3)).save(rewritten, quality=20)              # size only: mtime put back
+    os.utime(rewritten, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(rewritten).st_size != st.st_size
+    opened.clear()
+    CocoDetection(img_dir, ann, header_cache=cache)
+    assert sorted(opened) == [touched, rewritten]
+    Image.new("RGB", (W + 1, H)).save(touched)   # a changed file is checked again, never taken from the cache
+    with pytest.raises(Exception, match=r"005\.jpg' \(image id 5\) is 65x48 but the json says 64x48"):
+        CocoDetection(img_dir, ann, header_cache=cache)
+
+
+@pytest.mark.parametrize("damage", ["not json", "wrong structure", "bad entries"])
+def test_a_cache_with_bad_content_is_ignored_with_a_warning(tmp_path, monkeypatch, caplog, damage):
+    import os
+    img_dir, ann, cache = _cached_set(tmp_path)
+    CocoDetection(img_dir, ann, header_cache=cache)
+    (file,) = [os.path.join(cache, f) for f in os.listdir(cache)]
+    data = json.loads(open(file).read())
+    if damage == "not json":
+        open(file, "w").write(open(file).read()[:-20])
+    elif damage == "wrong structure":
+        open(file, "w").write(json.dumps([data]))
+    else:   # a width that is a string, an entry of 3 values, an EXIF orientation out of 1..8
+        paths = sorted(data["headers"])
+        data["headers"][paths[0]][2] = "64"
+        data["headers"][paths[1]] = [1, 2, 3]
+        data["headers"][paths[2]][5] = 9
+        open(file, "w").write(json.dumps(data))
+    opened = _counting_reads(monkeypatch)
+    with caplog.at_level("WARNING", logger="src.data.image_io"):
+        CocoDetection(img_dir, ann, header_cache=cache)
+    assert len(opened) == (3 if damage == "bad entries" else 70)
+    assert ("3 malformed entries ignored" if damage == "bad entries" else "cannot be used") in caplog.text
+    opened.clear()
+    CocoDetection(img_dir, ann, header_cache=cache)   # rewritten whole
+    assert opened == []
+
+
+def test_header_cache_off_reads_every_header_and_writes_nothing(tmp_path, monkeypatch):
+    import os
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    img_dir, ann, _ = _cached_set(tmp_path)
+    opened = _counting_reads(monkeypatch)
+    for _ in range(2):
+        CocoDetection(img_dir, ann, header_cache=False)
+    assert len(opened) == 140 and not os.path.exists(tmp_path / "xdg")
+    with pytest.raises(ValueError, match="header_cache"):
+        CocoDetection(img_dir, ann, header_cache=3)
+
+
+def test_parallel_probe_keeps_the_order_and_reports_each_file(tmp_path):
+    import os
+    from src.data.image_io import HeaderCache, probe_headers, read_header
+    img_dir, _, _ = _cached_set(tmp_path, n=40)
+    paths = [os.path.join(img_dir, f"{i:03d}.jpg") for i in range(1, 41)]
+    paths[13] = os.path.join(img_dir, "gone.jpg")
+    open(paths[21], "wb").write(b"not an image")
+    cache = HeaderCache(str(tmp_path / "c.json"))
+    for _ in range(2):   # cold, then from the cache
+        got = probe_headers(paths, max_workers=4, cache=cache, chunk=3)
+        for k, (header, problem) in enumerate(got):
+            if k == 13:
+                assert header is None and problem == "is missing"
+            elif k == 21:
+                assert header is None and problem.startswith("cannot be read as an image")
+            else:
+                assert problem is None and header == read_header(paths[k])
+    assert cache.hits == 38
+
+
+def test_the_default_cache_lives_under_xdg_cache_home(tmp_path, monkeypatch):
+    import os
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    img_dir, ann, _ = _cached_set(tmp_path, n=3)
+    CocoDetection(img_dir, ann)
+    files = os.listdir(tmp_path / "xdg" / "dset-rtdetr" / "image_headers")
+    assert len(files) == 1 and files[0].startswith("ann-") and files[0].endswith(".json")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,7 +25,8 @@ from src.core.yaml_utils import DataError
 from src.data.classes import ClassList, ClassMatch, ClassMismatchError, match_classes
 from src.data.coco_json import (AnnotationColumns, AnnotationError, EvalGroundTruth, annotation_columns, check_box_convention,
                                 check_image_entries, clean_boxes, gc_paused, load_coco_json)
-from src.data.image_io import apply_orientation, orientation_to_apply, probe_headers, to_rgb_uint8
+from src.data.image_io import (HeaderCache, apply_orientation, default_header_cache_dir, orientation_to_apply,
+                               probe_headers, to_rgb_uint8)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ class CocoDetection(Dataset):
         check_images: read every image header at construction (in parallel; header only) so that
             missing, unreadable or mis-sized files are reported before training starts. False defers
             the check to the first load of each image.
+        header_cache: where the headers read by the check are cached, keyed by path, size and mtime, so
+            that a second start opens no unchanged file (`src.data.image_io.HeaderCache`): "auto" (default)
+            ``$XDG_CACHE_HOME/dset-rtdetr/image_headers`` (``~/.cache/...`` without the variable), a folder,
+            or false / null for no cache. A stale or malformed entry is read again, never trusted.
 
     EXIF orientation is applied when the json's width/height match the displayed (rotated) size and
     not when they match the stored one (see ``src.data.image_io.orientation_to_apply``).
@@ -70,7 +75,12 @@ class CocoDetection(Dataset):
     __share__ = ["num_classes"]
 
     def __init__(self, img_folder: str, ann_file: str, transforms: Any = None, skip_corrupt: bool = False,
-                 num_classes: Optional[int] = None, allow_unlabelled: bool = False, check_images: bool = True):
+                 num_classes: Optional[int] = None, allow_unlabelled: bool = False, check_images: bool = True,
+                 header_cache: Union[str, bool, None] = "auto"):
+        if not (header_cache is None or isinstance(header_cache, (bool, str, os.PathLike))):
+            raise ValueError(f"dataset header_cache: expected 'auto', a folder, or false / null for no cache, got "
+                             f"{header_cache!r}")
+        self.header_cache = header_cache
         self.img_folder = str(img_folder)
         self.ann_file = str(ann_file)
         self.skip_corrupt = bool(skip_corrupt)
@@ -136,13 +146,25 @@ class CocoDetection(Dataset):
     def _skip_hint(self) -> str:
         return "" if self.skip_corrupt else "; or set skip_corrupt: true in the dataset section to leave it out"
 
+    def _header_cache(self) -> Optional[HeaderCache]:
+        if self.header_cache is None or self.header_cache is False:
+            return None
+        auto = self.header_cache is True or self.header_cache == "auto"
+        folder = default_header_cache_dir() if auto else os.fspath(self.header_cache)
+        return HeaderCache.for_dataset(folder, self.ann_file, self.img_folder)
+
     def _check_image_files(self, columns: AnnotationColumns) -> None:
         """Read every image header (parallel): missing / unreadable / mis-sized files are an error now, or
         with ``skip_corrupt`` left out of the data set (annotations included) with one warning. Also decides
         each image's EXIF orientation from the json size."""
         paths = [self.image_path(i) for i in range(len(self))]
+        cache = self._header_cache()
+        headers = probe_headers(paths, cache=cache)
+        if cache is not None:
+            logger.info("%s: %d image headers, %d read, %d unchanged from the cache %s", self.ann_file, len(paths),
+                        len(paths) - cache.hits, cache.hits, cache.file)
         problems = []
-        for info, path, (header, problem) in zip(self.image_infos, paths, probe_headers(paths)):
+        for info, path, (header, problem) in zip(self.image_infos, paths, headers):
             if header is not None:
                 info["orientation"], problem = orientation_to_apply(header, (info["width"], info["height"]))
             if problem is not None:
