@@ -295,3 +295,16 @@ def test_the_default_cache_lives_under_xdg_cache_home(tmp_path, monkeypatch):
     CocoDetection(img_dir, ann)
     files = os.listdir(tmp_path / "xdg" / "dset-rtdetr" / "image_headers")
     assert len(files) == 1 and files[0].startswith("ann-") and files[0].endswith(".json")
+
+
+def test_the_bench_generator_writes_a_valid_json_the_dataset_reads(tmp_path):
+    from bench.data_bench import make_image_links, write_large_coco_json
+    ann = str(tmp_path / "big.json")
+    n = write_large_coco_json(ann, num_images=300, boxes_per_image=4, seed=1)
+    data = json.loads(open(ann).read())
+    assert len(data["images"]) == 300 and len(data["annotations"]) == n and 900 < n < 1500
+    assert [a["id"] for a in data["annotations"]] == list(range(1, n + 1))
+    make_image_links(str(tmp_path / "images"), 300)
+    ds = CocoDetection(str(tmp_path / "images"), ann, header_cache=False)   # every header checked: 1920x1080
+    crowd = sum(a["iscrowd"] for a in data["annotations"])
+    assert ds.box_stats["kept"] == n - crowd and ds.box_stats["clipped"] == 0
