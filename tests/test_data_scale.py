@@ -66,7 +66,8 @@ def test_annotation_columns_equal_a_per_annotation_reference(variant):
     np.testing.assert_array_equal(cols.xywh, xywh)
     np.testing.assert_array_equal(cols.iscrowd, crowd)
     np.testing.assert_array_equal(cols.area, area)   # NaN where missing, null or a string
-    assert int(cols.string_rows.sum()) == (variant == "string_bbox") and cols.string_rows[4] == (variant == "string_bbox")
+    strings = variant == "string_bbox"
+    assert int(cols.string_rows.sum()) == strings and cols.string_rows[4] == strings
 
 
 def test_dataset_targets_equal_a_per_box_reference(tmp_path):

@@ -23,8 +23,8 @@ from torchvision import tv_tensors
 from src.core.registry import build, register
 from src.core.yaml_utils import DataError
 from src.data.classes import ClassList, ClassMatch, ClassMismatchError, match_classes
-from src.data.coco_json import (AnnotationColumns, AnnotationError, EvalGroundTruth, annotation_columns, check_box_convention,
-                                check_image_entries, clean_boxes, gc_paused, load_coco_json)
+from src.data.coco_json import (AnnotationColumns, AnnotationError, EvalGroundTruth, annotation_columns,
+                                check_box_convention, check_image_entries, clean_boxes, gc_paused, load_coco_json)
 from src.data.image_io import (HeaderCache, apply_orientation, default_header_cache_dir, orientation_to_apply,
                                probe_headers, to_rgb_uint8)
 
