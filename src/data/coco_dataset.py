@@ -1,16 +1,18 @@
 """COCO-format detection dataset.
 
-The annotation json is indexed once at construction: category ids are remapped to contiguous
+The annotation json is read once, at construction: each annotation field is taken in one C-level pass
+over the parsed dicts (`coco_json.annotation_columns`), then category ids are remapped to contiguous
 labels ``0..C-1`` in sorted category-id order, crowd boxes are left out of the training targets
-(evaluation reads the json, which keeps them), boxes are clipped to the image and degenerate ones
-dropped, all as array operations over every annotation at once. Per-image boxes live in flat
-arrays with offsets, so workers get a cheap copy and ``__getitem__`` only slices.
+(the evaluation ground truth, `eval_ground_truth`, keeps them), boxes are clipped to the image and
+degenerate ones dropped, all as array operations over every annotation at once. Per-image boxes live in
+flat arrays with offsets, so workers get a cheap copy and ``__getitem__`` only slices.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -21,19 +23,16 @@ from torchvision import tv_tensors
 from src.core.registry import build, register
 from src.core.yaml_utils import DataError
 from src.data.classes import ClassList, ClassMatch, ClassMismatchError, match_classes
-from src.data.coco_json import (AnnotationError, check_box_convention, check_image_entries, clean_boxes, load_coco_json,
-                                parse_bboxes)
-from src.data.image_io import apply_orientation, orientation_to_apply, probe_headers, to_rgb_uint8
+from src.data.coco_json import (AnnotationColumns, AnnotationError, EvalGroundTruth, annotation_columns,
+                                check_box_convention, check_image_entries, clean_boxes, gc_paused, load_coco_json)
+from src.data.image_io import (HeaderCache, apply_orientation, default_header_cache_dir, orientation_to_apply,
+                               probe_headers, to_rgb_uint8)
 
 logger = logging.getLogger(__name__)
 
 
 class CorruptImageError(DataError, RuntimeError):
     """An image file is missing, unreadable or does not match its json entry."""
-
-
-def _number_or_nan(v) -> float:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float("nan")
 
 
 @register()
@@ -63,6 +62,10 @@ class CocoDetection(Dataset):
         check_images: read every image header at construction (in parallel; header only) so that
             missing, unreadable or mis-sized files are reported before training starts. False defers
             the check to the first load of each image.
+        header_cache: where the headers read by the check are cached, keyed by path, size and mtime, so
+            that a second start opens no unchanged file (`src.data.image_io.HeaderCache`): "auto" (default)
+            ``$XDG_CACHE_HOME/dset-rtdetr/image_headers`` (``~/.cache/...`` without the variable), a folder,
+            or false / null for no cache. A stale or malformed entry is read again, never trusted.
 
     EXIF orientation is applied when the json's width/height match the displayed (rotated) size and
     not when they match the stored one (see ``src.data.image_io.orientation_to_apply``).
@@ -72,7 +75,12 @@ class CocoDetection(Dataset):
     __share__ = ["num_classes"]
 
     def __init__(self, img_folder: str, ann_file: str, transforms: Any = None, skip_corrupt: bool = False,
-                 num_classes: Optional[int] = None, allow_unlabelled: bool = False, check_images: bool = True):
+                 num_classes: Optional[int] = None, allow_unlabelled: bool = False, check_images: bool = True,
+                 header_cache: Union[str, bool, None] = "auto"):
+        if not (header_cache is None or isinstance(header_cache, (bool, str, os.PathLike))):
+            raise ValueError(f"dataset header_cache: expected 'auto', a folder, or false / null for no cache, got "
+                             f"{header_cache!r}")
+        self.header_cache = header_cache
         self.img_folder = str(img_folder)
         self.ann_file = str(ann_file)
         self.skip_corrupt = bool(skip_corrupt)
@@ -86,6 +94,12 @@ class CocoDetection(Dataset):
         self._warned_corrupt: set = set()
         self._warned_values: set = set()
 
+        with gc_paused():   # millions of new containers and no cycle: collections would only slow the start
+            self._read_json(allow_unlabelled, num_classes, check_images)
+
+    def _read_json(self, allow_unlabelled: bool, num_classes: Optional[int], check_images: bool) -> None:
+        """Read the json into the per-image arrays, check it (and the image headers); the parsed json is
+        freed when this returns."""
         coco = load_coco_json(self.ann_file, allow_unlabelled=allow_unlabelled)
         self.labelled = "annotations" in coco
         images, categories = coco["images"], coco["categories"]
@@ -96,6 +110,7 @@ class CocoDetection(Dataset):
         check_image_entries(images, self.ann_file)
 
         categories = sorted(categories, key=lambda c: c["id"])
+        self._json_categories = [dict(c) for c in categories]   # as written, for the evaluation ground truth
         self.categories: List[dict] = [{"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in categories]
         try:  # this json's own classes (labels in id order); `use_classes` maps it to training's by name
             self.classes = ClassList.from_categories(categories, where=f"annotation file {self.ann_file!r}")
@@ -118,22 +133,38 @@ class CocoDetection(Dataset):
              "orientation": None}
             for img in images]
         self.image_ids: List[int] = [img["id"] for img in self.image_infos]
-        anns = coco.get("annotations", [])
-        self._index_annotations(anns)  # validates every annotation first: json errors before file errors
+        image_index = {img_id: i for i, img_id in enumerate(self.image_ids)}
+        # every annotation is validated first: json errors before file errors
+        columns = annotation_columns(coco.get("annotations", []), image_index, self.category_id_to_label,
+                                     self.ann_file)
+        del coco, images, categories   # the parsed json is freed here, before the array work
+        self._index_annotations(columns)
         if check_images:
-            self._check_image_files(anns)
+            self._check_image_files(columns)
 
     # ------------------------------------------------------------------ image files
     def _skip_hint(self) -> str:
         return "" if self.skip_corrupt else "; or set skip_corrupt: true in the dataset section to leave it out"
 
-    def _check_image_files(self, anns: List[dict]) -> None:
+    def _header_cache(self) -> Optional[HeaderCache]:
+        if self.header_cache is None or self.header_cache is False:
+            return None
+        auto = self.header_cache is True or self.header_cache == "auto"
+        folder = default_header_cache_dir() if auto else os.fspath(self.header_cache)
+        return HeaderCache.for_dataset(folder, self.ann_file, self.img_folder)
+
+    def _check_image_files(self, columns: AnnotationColumns) -> None:
         """Read every image header (parallel): missing / unreadable / mis-sized files are an error now, or
         with ``skip_corrupt`` left out of the data set (annotations included) with one warning. Also decides
         each image's EXIF orientation from the json size."""
         paths = [self.image_path(i) for i in range(len(self))]
+        cache = self._header_cache()
+        headers = probe_headers(paths, cache=cache)
+        if cache is not None:
+            logger.info("%s: %d image headers, %d read, %d unchanged from the cache %s", self.ann_file, len(paths),
+                        len(paths) - cache.hits, cache.hits, cache.file)
         problems = []
-        for info, path, (header, problem) in zip(self.image_infos, paths, probe_headers(paths)):
+        for info, path, (header, problem) in zip(self.image_infos, paths, headers):
             if header is not None:
                 info["orientation"], problem = orientation_to_apply(header, (info["width"], info["height"]))
             if problem is not None:
@@ -155,34 +186,24 @@ class CocoDetection(Dataset):
         self.skipped_at_start = problems
         logger.warning("%s: skip_corrupt is on: leaving out %d of %d images (and their annotations)%s:\n  %s",
                        self.ann_file, len(problems), len(self), more, "\n  ".join(lines))
+        keep = np.array([info["id"] not in bad for info in self.image_infos], dtype=bool)
         self.image_infos = [info for info in self.image_infos if info["id"] not in bad]
         self.image_ids = [info["id"] for info in self.image_infos]
-        self._index_annotations([a for a in anns if a.get("image_id") not in bad], log=False)
+        self._index_annotations(columns.of_images(keep), first=False)
 
     # ------------------------------------------------------------------ indexing
-    def _index_annotations(self, anns: List[dict], log: bool = True) -> None:
-        """Validate all annotations and build flat per-image arrays (one pass, vectorised)."""
-        image_index = {img_id: i for i, img_id in enumerate(self.image_ids)}
-        for ann in anns:
-            if ann.get("image_id") not in image_index:
-                raise AnnotationError(f"annotation file {self.ann_file!r}: annotation id {ann.get('id')} refers to "
-                                 f"image id {ann.get('image_id')!r}, which is not in 'images'")
-            if ann.get("category_id") not in self.category_id_to_label:
-                raise AnnotationError(f"annotation file {self.ann_file!r}: annotation id {ann.get('id')} (image id "
-                                 f"{ann.get('image_id')}) has category_id {ann.get('category_id')!r}, which is not "
-                                 f"in 'categories' (ids {self.category_ids}); add the category or fix the annotation")
-
-        n = len(anns)
-        img_idx = np.array([image_index[a["image_id"]] for a in anns], dtype=np.int64)
-        xywh, strings = parse_bboxes(anns, self.ann_file)
-        labels = np.array([self.category_id_to_label[a["category_id"]] for a in anns], dtype=np.int64)
-        iscrowd = np.array([int(a.get("iscrowd", 0)) for a in anns], dtype=np.int64)
-        area_json = np.array([_number_or_nan(a.get("area")) for a in anns], dtype=np.float64)
-        sizes = np.array([[im["width"], im["height"]] for im in self.image_infos], dtype=np.float64)
+    def _index_annotations(self, columns: AnnotationColumns, first: bool = True) -> None:
+        """The flat per-image arrays of the annotation columns (array operations only). ``first``: the json's
+        first indexing (checks the box convention, logs the fixes, records the json's ``gt_fixes``); False
+        when skip_corrupt re-indexes without the images it left out."""
+        n = len(columns)
+        img_idx, xywh, strings = columns.image_index, columns.xywh, int(columns.string_rows.sum())
+        labels, iscrowd, area_json = columns.category_index, columns.iscrowd, columns.area
+        sizes = np.array([[im["width"], im["height"]] for im in self.image_infos], dtype=np.float64).reshape(-1, 2)
 
         crowd = iscrowd != 0
         wh = sizes[img_idx] if n else np.zeros((0, 2))
-        if log:
+        if first:
             check_box_convention(xywh[~crowd], wh[~crowd], self.ann_file)
         clipped, usable, fixes = clean_boxes(xywh, wh)   # the same clean-up as the evaluation ground truth
         keep = ~crowd & usable
@@ -198,10 +219,10 @@ class CocoDetection(Dataset):
         }
         problems = {k: v for k, v in self.box_stats.items()
                     if k in ("nonfinite_dropped", "clipped", "degenerate_dropped", "parsed_strings") and v}
-        if problems and log:
+        if problems and first:
             logger.warning("%s: fixed boxes %s (of %d annotations; %d crowd excluded, %d kept)", self.ann_file,
                            problems, n, self.box_stats["crowd_excluded"], self.box_stats["kept"])
-        elif log:
+        elif first:
             logger.info("%s: %d annotations, %d crowd excluded from targets, %d kept", self.ann_file, n,
                         self.box_stats["crowd_excluded"], self.box_stats["kept"])
 
@@ -214,6 +235,26 @@ class CocoDetection(Dataset):
         self._area = area[keep][order].astype(np.float32)
         counts = np.bincount(img_idx[keep], minlength=len(self.image_infos))
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        # the evaluation ground truth (`eval_ground_truth`): every usable box, crowd regions included, file order
+        ok = clipped[usable]
+        self._eval_columns = {"image_index": img_idx[usable].astype(np.int32), "label": labels[usable].astype(np.int32),
+                              "xywh": np.concatenate([ok[:, :2], ok[:, 2:] - ok[:, :2]], axis=1),
+                              "area": area[usable], "iscrowd": iscrowd[usable]}
+        if first:   # the fixes of the whole json, as `coco_gt_for_eval` counts them
+            self.gt_fixes = {"nonfinite_dropped": int(fixes["nonfinite"].sum()),
+                             "degenerate_dropped": int(fixes["degenerate"].sum()),
+                             "clipped": int((fixes["clipped"] & usable).sum()), "parsed_strings": int(strings)}
+
+    def eval_ground_truth(self) -> EvalGroundTruth:
+        """The evaluation ground truth of this json from what construction parsed (no second read of the file):
+        the boxes of the kept images after the clean-up shared with training, crowd regions included."""
+        cols = self._eval_columns
+        images = [{"id": i["id"], "file_name": i["file_name"], "width": i["width"], "height": i["height"]}
+                  for i in self.image_infos]
+        category_id = np.asarray(self.category_ids, dtype=np.int64)[cols["label"]]
+        return EvalGroundTruth(self.ann_file, self.labelled, images, copy.deepcopy(self._json_categories),
+                               cols["image_index"], category_id, cols["xywh"], cols["area"], cols["iscrowd"],
+                               dict(self.gt_fixes))
 
     def boxes_per_image(self) -> np.ndarray:
         """[len(self)] number of training-target boxes of each image (after the clean-up)."""

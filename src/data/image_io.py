@@ -1,8 +1,10 @@
 """Reading image files for detection: header probing, EXIF orientation, every PIL mode to 8-bit RGB.
 
 * ``read_header`` opens a file and reads only its header: stored size, PIL mode and EXIF orientation.
-  ``probe_headers`` does it for a whole data set with a thread pool (I/O bound), so missing, unreadable
-  or mis-sized files are found when the data set is built, not when the image is first loaded.
+  ``probe_headers`` does it for a whole data set with a thread pool (the threads overlap the file I/O of
+  a cold disk or network storage; parsing a header holds the GIL), so missing, unreadable or mis-sized
+  files are found when the data set is built, not when the image is first loaded. With a ``HeaderCache``
+  a file whose size and mtime are those of its cached entry is not opened: a second start only stats.
 * ``orientation_to_apply`` decides whether the EXIF orientation is applied, from the json's size:
   labelme and detectron2 apply the tag (the annotator saw the displayed image), torchvision's
   CocoDetection does not (it sees the stored pixels). The json's width/height says which one the boxes
@@ -13,16 +15,23 @@
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import stat
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["ImageHeader", "read_header", "probe_headers", "orientation_to_apply", "apply_orientation",
-           "to_rgb_uint8", "EXIF_ORIENTATION_TAG"]
+__all__ = ["ImageHeader", "read_header", "probe_headers", "HeaderCache", "default_header_cache_dir",
+           "orientation_to_apply", "apply_orientation", "to_rgb_uint8", "EXIF_ORIENTATION_TAG"]
+
+logger = logging.getLogger(__name__)
 
 EXIF_ORIENTATION_TAG = 0x0112
 _SWAPS_AXES = frozenset({5, 6, 7, 8})  # orientations whose displayed image is the stored one turned by 90 degrees
@@ -78,20 +87,152 @@ def orientation_to_apply(header: ImageHeader, json_wh: Tuple[int, int]) -> Tuple
                   f"{displayed[0]}x{displayed[1]}), but the json says {json_wh[0]}x{json_wh[1]}, which is neither")
 
 
-def probe_headers(paths: Sequence[str], max_workers: int = 16) -> List[Tuple[Optional[ImageHeader], Optional[str]]]:
-    """``read_header`` for every path, in parallel: per path (header, None) or (None, 'missing' / reason)."""
-    def one(path: str):
-        if not os.path.isfile(path):
-            return None, "is missing"
-        try:
-            return read_header(path), None
-        except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-            return None, f"cannot be read as an image ({e})"
+def default_header_cache_dir() -> str:
+    """Where header caches go unless the dataset's ``header_cache`` names a folder: ``$XDG_CACHE_HOME`` (else
+    ``~/.cache``) ``/dset-rtdetr/image_headers``."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "dset-rtdetr", "image_headers")
 
-    if len(paths) < 64:
-        return [one(p) for p in paths]
-    with ThreadPoolExecutor(max_workers=max_workers) as pool:
-        return list(pool.map(one, paths, chunksize=32))
+
+def _valid_int(v, low: int) -> bool:
+    return type(v) is int and v >= low
+
+
+def _cached_header(entry) -> Optional[Tuple[int, int, ImageHeader]]:
+    """(size, mtime_ns, header) of a cache entry [size, mtime_ns, width, height, mode, orientation]; None
+    when it is malformed (it is then read again, never trusted)."""
+    if not isinstance(entry, list) or len(entry) != 6:
+        return None
+    size, mtime, width, height, mode, orientation = entry
+    if not (_valid_int(size, 0) and _valid_int(mtime, 0) and _valid_int(width, 1) and _valid_int(height, 1)
+            and isinstance(mode, str) and mode and (orientation is None or (_valid_int(orientation, 1)
+                                                                           and orientation <= 8))):
+        return None
+    return size, mtime, ImageHeader(width, height, mode, orientation)
+
+
+class HeaderCache:
+    """Image headers read before, keyed by (path, size, mtime): a file whose size or mtime (ns) differs from
+    its entry is read again, and so is a malformed entry; an unreadable cache file is ignored with a warning.
+
+    One json file per (annotation file, image folder) pair (`for_dataset`):
+    ``{"version": 1, "headers": {path: [size, mtime_ns, width, height, mode, orientation]}}``, written
+    atomically (temporary file, then rename), so processes building the same dataset at once (DDP ranks)
+    never see half a file. Only headers that were read successfully are stored: a missing or unreadable file
+    is checked again at every start."""
+
+    VERSION = 1
+
+    def __init__(self, file: str):
+        self.file = file
+        self._entries: Dict[str, Tuple[int, int, ImageHeader]] = {}
+        self._dirty = False
+        self.hits = 0
+        self._load()
+
+    @classmethod
+    def for_dataset(cls, folder: str, ann_file: str, img_folder: str) -> "HeaderCache":
+        """The cache of the images of `ann_file` under `img_folder`, in `folder`."""
+        key = f"{os.path.abspath(ann_file)}\0{os.path.abspath(img_folder)}".encode()
+        name = f"{os.path.splitext(os.path.basename(ann_file))[0]}-{hashlib.sha1(key).hexdigest()[:16]}.json"
+        return cls(os.path.join(folder, name))
+
+    def _load(self) -> None:
+        if not os.path.exists(self.file):
+            return
+        try:
+            with open(self.file, encoding="utf-8") as f:
+                data = json.load(f)
+            if not (isinstance(data, dict) and data.get("version") == self.VERSION
+                    and isinstance(data.get("headers"), dict)):
+                raise ValueError(f"not a version-{self.VERSION} header cache")
+        except (OSError, ValueError) as e:   # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+            logger.warning("image header cache %r cannot be used (%s): ignored, the headers are read again and "
+                           "the cache rewritten", self.file, e)
+            self._dirty = True
+            return
+        bad = 0
+        for path, entry in data["headers"].items():
+            cached = _cached_header(entry)
+            if cached is None:
+                bad += 1
+            else:
+                self._entries[path] = cached
+        if bad:
+            logger.warning("image header cache %r: %d malformed entries ignored (those headers are read again)",
+                           self.file, bad)
+            self._dirty = True
+
+    def lookup(self, path: str, st: os.stat_result) -> Optional[ImageHeader]:
+        """The cached header of `path` if its size and mtime are still `st`'s, else None."""
+        cached = self._entries.get(path)
+        if cached is None or cached[0] != st.st_size or cached[1] != st.st_mtime_ns:
+            return None
+        return cached[2]
+
+    def update(self, headers: Dict[str, Tuple[os.stat_result, ImageHeader]]) -> None:
+        """Make the entries those of `headers` (path -> (stat before reading, header)); the rest is dropped."""
+        entries = {p: (st.st_size, st.st_mtime_ns, h) for p, (st, h) in headers.items()}
+        if entries != self._entries:
+            self._entries, self._dirty = entries, True
+
+    def save(self) -> None:
+        """Write the cache if it changed; a folder that cannot be written is a warning, not an error."""
+        if not self._dirty:
+            return
+        data = {"version": self.VERSION,
+                "headers": {p: [size, mtime, h.width, h.height, h.mode, h.orientation]
+                            for p, (size, mtime, h) in self._entries.items()}}
+        folder = os.path.dirname(self.file) or "."
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".headers-", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, separators=(",", ":"))
+            os.replace(tmp, self.file)
+        except OSError as e:
+            logger.warning("image header cache %r not written (%s); the next start reads every header again",
+                           self.file, e)
+            return
+        self._dirty = False
+
+
+def probe_headers(paths: Sequence[str], max_workers: Optional[int] = None, cache: Optional[HeaderCache] = None,
+                  chunk: int = 256) -> List[Tuple[Optional[ImageHeader], Optional[str]]]:
+    """``read_header`` for every path, in parallel: per path (header, None) or (None, 'missing' / reason).
+
+    max_workers: threads (default min(8, CPUs)); each takes `chunk` paths at a time. cache: headers of files
+    whose size and mtime are unchanged come from it (``cache.hits`` counts them), and it is updated and saved."""
+    def one(path: str):   # (header, problem, stat before reading, from the cache)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None, "is missing", None, False
+        if not stat.S_ISREG(st.st_mode):
+            return None, "is missing", None, False
+        header = cache.lookup(path, st) if cache is not None else None
+        if header is not None:
+            return header, None, st, True
+        try:
+            return read_header(path), None, st, False
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            return None, f"cannot be read as an image ({e})", None, False
+
+    def part(start: int):
+        return [one(p) for p in paths[start:start + chunk]]
+
+    workers = max_workers or min(8, os.cpu_count() or 1)
+    starts = range(0, len(paths), chunk)
+    if len(starts) <= 1 or workers == 1:
+        results = [r for s in starts for r in part(s)]
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = [r for rows in pool.map(part, starts) for r in rows]
+    if cache is not None:
+        cache.hits = sum(hit for *_, hit in results)
+        cache.update({p: (st, h) for p, (h, _, st, _) in zip(paths, results) if h is not None})
+        cache.save()
+    return [(header, problem) for header, problem, _, _ in results]
 
 
 def apply_orientation(rgb: np.ndarray, orientation: Optional[int]) -> np.ndarray:

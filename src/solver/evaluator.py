@@ -13,7 +13,10 @@ Usage::
     summary = evaluator.summarize()
     print(format_table(summary))
 
-The ground truth is read through ``coco_gt_for_eval``: annotation ids are renumbered 1..N (COCO's
+In a run the ground truth is the one the val dataset parsed at construction (``evaluator_for``,
+``CocoDetection.eval_ground_truth``): the json is read once per run, and the backend's COCO index is built
+at the first evaluation on the rank that evaluates. A path or dict is read through ``coco_gt_for_eval``.
+Both give the same ground truth: annotation ids are renumbered 1..N (COCO's
 evaluators read id 0 as "unmatched", so ids starting at 0, as labelme2coco writes them, would silently
 lower AP), a missing ``area`` is filled from the box, as in training, so AP by size is right, and the
 boxes go through the training targets' clean-up (clipped, degenerate ones dropped; counts in ``gt_fixes``).
@@ -36,7 +39,7 @@ from typing import Dict, Iterable, List, Optional
 import numpy as np
 import torch
 
-from src.data.coco_json import coco_gt_for_eval
+from src.data.coco_json import EvalGroundTruth, coco_gt_for_eval, gc_paused
 from src.misc.dist import all_gather_object, broadcast_object, is_main_process
 
 __all__ = ["CocoEvaluator", "evaluator_for", "format_table", "available_backends", "METRIC_NAMES"]
@@ -83,6 +86,10 @@ def _load_gt_dict(coco_gt) -> dict:
                     f"object, got {type(coco_gt).__name__}")
 
 
+_UNLABELLED = ("CocoEvaluator: the ground truth{} has no 'annotations' list; an unlabelled set (allow_unlabelled: "
+               "true) can be used for inference, not evaluated")
+
+
 def _describe(coco_gt) -> str:
     return f" {os.fspath(coco_gt)!r}" if isinstance(coco_gt, (str, os.PathLike)) else ""
 
@@ -99,8 +106,9 @@ class CocoEvaluator:
     """Collects detections and computes COCO box metrics.
 
     Args:
-        coco_gt: annotation json path, COCO-format dict, or a COCO object (pycocotools or
-            faster-coco-eval).
+        coco_gt: annotation json path, COCO-format dict, a COCO object (pycocotools or
+            faster-coco-eval), or the `EvalGroundTruth` a dataset already parsed (`evaluator_for`; the json
+            is then not read again).
         label_to_category_id: contiguous model label -> COCO category id.
         backend: 'auto' (faster_coco_eval if importable, else pycocotools),
             'faster_coco_eval' or 'pycocotools'.
@@ -126,19 +134,22 @@ class CocoEvaluator:
             backend = backends[0]
         self.backend = backend
         self._COCO, self._COCOeval = _backend_classes(backend)
-        gt = _load_gt_dict(coco_gt)
-        if not isinstance(gt.get("annotations"), list):
-            raise ValueError(f"CocoEvaluator: the ground truth{_describe(coco_gt)} has no 'annotations' list; an "
-                             f"unlabelled set (allow_unlabelled: true) can be used for inference, not evaluated")
-        # annotation ids renumbered 1..N (id 0 would be read as 'unmatched'), missing areas filled from the box
-        gt, self.gt_fixes = coco_gt_for_eval(gt, os.fspath(coco_gt) if isinstance(coco_gt, (str, os.PathLike))
-                                             else "ground truth")
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.coco_gt = self._COCO(gt) if backend == "faster_coco_eval" else self._COCO()
-            if backend == "pycocotools":
-                self.coco_gt.dataset = gt
-                self.coco_gt.createIndex()
-        self.category_names = {c["id"]: c.get("name", str(c["id"])) for c in gt.get("categories", [])}
+        if isinstance(coco_gt, EvalGroundTruth):   # parsed and cleaned by the dataset: no second read of the json
+            if not coco_gt.labelled:
+                raise ValueError(_UNLABELLED.format(f" {coco_gt.source!r}"))
+            self._gt, self.gt_fixes = coco_gt, dict(coco_gt.fixes)
+            images, gt_categories = coco_gt.images, coco_gt.categories
+        else:
+            gt = _load_gt_dict(coco_gt)
+            if not isinstance(gt.get("annotations"), list):
+                raise ValueError(_UNLABELLED.format(_describe(coco_gt)))
+            # annotation ids renumbered 1..N (id 0 would be read as 'unmatched'), missing areas filled from the box
+            gt, self.gt_fixes = coco_gt_for_eval(gt, os.fspath(coco_gt) if isinstance(coco_gt, (str, os.PathLike))
+                                                 else "ground truth")
+            self._gt = gt
+            images, gt_categories = gt["images"], gt["categories"]
+        self._coco_gt = None   # the backend's index, built at the first evaluation (`coco_gt`)
+        self.category_names = {c["id"]: c.get("name", str(c["id"])) for c in gt_categories}
         unknown = sorted(c for c in label_to_category_id.values() if c not in self.category_names)
         if unknown:
             raise KeyError(f"CocoEvaluator: label_to_category_id maps to category ids {unknown} that are not "
@@ -153,18 +164,34 @@ class CocoEvaluator:
         self._lut = torch.full((max_label + 1,), -1, dtype=torch.int64)
         for k, v in self.label_to_category_id.items():
             self._lut[k] = v
-        self.image_ids = {img["id"] for img in gt.get("images", [])}
+        self.image_ids = {img["id"] for img in images}
         if image_ids is not None:
             wanted = {int(i) for i in image_ids}
             unknown = sorted(wanted - self.image_ids)
             if unknown:
                 raise KeyError(f"CocoEvaluator: image_ids {unknown[:10]} are not in the ground-truth images")
             self.image_ids = wanted
-        self.num_gt = {cid: 0 for cid in self.category_names}
-        for a in gt["annotations"]:
-            if not a.get("iscrowd", 0) and a["category_id"] in self.num_gt and a["image_id"] in self.image_ids:
-                self.num_gt[a["category_id"]] += 1
+        if isinstance(self._gt, EvalGroundTruth):
+            self.num_gt = self._gt.boxes_per_category(self.image_ids)
+        else:
+            self.num_gt = {cid: 0 for cid in self.category_names}
+            for a in self._gt["annotations"]:
+                if not a.get("iscrowd", 0) and a["category_id"] in self.num_gt and a["image_id"] in self.image_ids:
+                    self.num_gt[a["category_id"]] += 1
         self._dets: Dict[int, np.ndarray] = {}
+
+    @property
+    def coco_gt(self):
+        """The backend's COCO index of the ground truth. Built at the first evaluation, once: only the rank that
+        evaluates holds it, and a run that never evaluates never pays for it."""
+        if self._coco_gt is None:
+            gt = self._gt.to_coco_dict() if isinstance(self._gt, EvalGroundTruth) else self._gt
+            with contextlib.redirect_stdout(io.StringIO()), gc_paused():
+                self._coco_gt = self._COCO(gt) if self.backend == "faster_coco_eval" else self._COCO()
+                if self.backend == "pycocotools":
+                    self._coco_gt.dataset = gt
+                    self._coco_gt.createIndex()
+        return self._coco_gt
 
     def extra_summary(self, **fields) -> None:
         """Fields added to every summary (e.g. the class match's `classes_not_trained`)."""
@@ -306,11 +333,12 @@ def format_table(summary: Optional[dict]) -> str:
 
 def evaluator_for(dataset, classes) -> CocoEvaluator:
     """The evaluator of a val dataset whose labels are the training `classes` (`dataset.use_classes`),
-    built once per run (the trainer resets it per evaluation): the dataset's json, its images (skip_corrupt
+    built once per run (the trainer resets it per evaluation): the ground truth the dataset parsed at
+    construction (`CocoDetection.eval_ground_truth`, the json is not read again), its images (skip_corrupt
     may have left some out), the class match's mapping; training classes the json lacks are
     unscored, the json's classes training lacks are left out (both listed in every summary)."""
     match = dataset.class_match
-    evaluator = CocoEvaluator(dataset.ann_file, dataset.label_to_category_id, image_ids=dataset.image_ids,
+    evaluator = CocoEvaluator(dataset.eval_ground_truth(), dataset.label_to_category_id, image_ids=dataset.image_ids,
                               unscored_labels=[m["label"] for m in match.missing], categories=match.records(classes))
     evaluator.extra_summary(classes_not_trained=match.not_trained, classes_missing=match.missing)
     return evaluator
