@@ -158,3 +158,30 @@ def test_amp_dtype_defaults_to_bfloat16_on_cpu_and_warns_on_explicit_float16(cap
     assert "about 50x slower" in warning and "amp_dtype: bfloat16" in warning
     amp_dtype_for({"amp_dtype": "float16"}, cpu, False)
     assert capsys.readouterr().out == ""
+
+
+def test_float16_amp_two_epochs_equal_one_epoch_then_resume_in_weights_optimizer_and_scaler(tmp_path, data_root):
+    """Exact resume under float16 AMP (the GradScaler state included), at 64x64 so float16 on CPU stays quick."""
+    def trainer(out, epochs, **kw):
+        cfg_path = write_tiny_config(tmp_path / f"{out}.yaml", data_root, tmp_path / out, dset=False, hw=(64, 64),
+                                     augment=False)
+        overrides = {"max_iters_per_epoch": 1, "epochs": epochs, "amp_dtype": "float16", "amp_init_scale": 256.0,
+                     "use_ema": True, "deterministic": True}
+        return Trainer(YAMLConfig(str(cfg_path), overrides=overrides), device="cpu", use_amp=True, **kw)
+
+    straight = trainer("straight", 2)
+    straight.fit()
+    first = trainer("split", 1)
+    first.fit()
+    resumed = trainer("split", 2, resume=str(tmp_path / "split" / "last.pth"))
+    assert resumed.state.epoch == 1 and resumed.state.scaler.get_scale() == first.state.scaler.get_scale()
+    resumed.fit()
+    a, b = straight.state, resumed.state
+    assert a.step == b.step == 2
+    for (k, va), vb in zip(a.module.state_dict().items(), b.module.state_dict().values()):
+        assert torch.equal(va, vb), k
+    for va, vb in zip(a.ema.module.state_dict().values(), b.ema.module.state_dict().values()):
+        assert torch.equal(va, vb)
+    oa, ob = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    assert oa.keys() == ob.keys() and all(torch.equal(oa[i]["exp_avg_sq"], ob[i]["exp_avg_sq"]) for i in oa)
+    assert a.scaler.state_dict() == b.scaler.state_dict() and a.scaler.get_scale() > 0

@@ -44,7 +44,7 @@ def test_dry_run_launches_pytest_torchrun_and_train_py_and_writes_the_table(tmp_
     rc = gpu_check.main(["--dry-run", "--out", str(tmp_path)])
     assert rc == 1  # the faked runs wrote no TensorBoard files: losses not shown finite
     pytest_cmd, torchrun_cmd, train_cmd = commands
-    assert pytest_cmd[-4:-2] == ["-m", "cuda"] or "cuda" in pytest_cmd
+    assert pytest_cmd[1:] == ["-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py", "-p", "no:cacheprovider"]
     assert "torch.distributed.run" in torchrun_cmd and "--nproc_per_node" in torchrun_cmd
     assert "torch.distributed.run" not in train_cmd and train_cmd[-2:] == ["--device", "cpu"]
     result = json.loads((tmp_path / "gpu_check.json").read_text())

@@ -113,3 +113,30 @@ def test_infer_on_cuda_matches_cpu(tiny):
     cpu = torch.tensor([d["bbox"] + [d["score"]] for d in runs["cpu"]])
     gpu = torch.tensor([d["bbox"] + [d["score"]] for d in runs["cuda"]])
     torch.testing.assert_close(gpu, cpu, atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty"])
+def test_infer_with_a_missing_or_empty_input_says_so_and_returns_2(tiny, tmp_path, capsys, case):
+    _, _, cfg_path, ckpt = tiny
+    target = tmp_path / "nothing_here"
+    if case == "empty":
+        target.mkdir()
+    rc = infer.main(["-c", str(cfg_path), "-r", str(ckpt), "--input", str(target), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"error: --input {target}: ")
+    assert ("no such file or folder" if case == "missing" else "no images (") in err
+
+
+def test_export_without_an_input_size_says_which_key_is_needed(tiny, tmp_path, capsys):
+    from tools import export_onnx
+
+    _, _, cfg_path, ckpt = tiny
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["input_size"] = None          # neither the one key nor the explicit size: nothing fixes the graph's size
+    cfg["eval_spatial_size"] = None
+    path = tmp_path / "no_size.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    rc = export_onnx.main(["-c", str(path), "--random-weights", "--out", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "eval_spatial_size [h, w] is needed to export" in err
+    assert not (tmp_path / "m.onnx").exists()

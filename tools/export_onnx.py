@@ -101,11 +101,15 @@ def check(deploy: DeployModel, path: str, hw: tuple, batch: int = 2, seed: int =
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg, model, post = load_detector(args.config, args.update, checkpoint=args.resume,
-                                     random_weights=args.random_weights, trusted=args.trust_checkpoint)
+    try:
+        cfg, model, post = load_detector(args.config, args.update, checkpoint=args.resume,
+                                         random_weights=args.random_weights, trusted=args.trust_checkpoint)
+        hw = input_hw(cfg)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # bad input (ConfigError is a ValueError): a message
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.random_weights:
         print("WARNING: exporting RANDOM weights (--random-weights): for tests only", file=sys.stderr)
-    hw = input_hw(cfg)
     n_moe = set_dense_moe_dispatch(model)
     deploy = DeployModel(model, post).eval()
     export(deploy, args.out, hw)

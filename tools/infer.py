@@ -148,6 +148,7 @@ def run(args) -> dict:
     import numpy as np
     from PIL import Image
 
+    files = list_images(args.input)[:getattr(args, "limit", None)]  # before the model: a bad --input fails fast
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg, model, post = load_detector(args.config, args.update, checkpoint=args.resume,
                                      random_weights=args.random_weights, trusted=args.trust_checkpoint,
@@ -155,7 +156,6 @@ def run(args) -> dict:
     transforms, divisibility = val_pipeline(cfg)
     names, category_ids, known_ids = categories(cfg, cfg.checkpoint_classes)
     patch_size = cfg.dset.pruner.patch_size if cfg.dset is not None else None
-    files = list_images(args.input)[:getattr(args, "limit", None)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     next_id = max([0] + [i for i in known_ids.values() if isinstance(i, int)]) + 1 if known_ids else 1
@@ -195,7 +195,11 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    res = run(args)
+    try:
+        res = run(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # bad input (ConfigError is a ValueError): a message
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     first = Path(args.out) / f"{Path(res['images'][0]['file_name']).stem}.png"
     print(f"{len(res['images'])} image(s), {len(res['detections'])} detection(s) with score >= {args.score}: "
           f"{args.out}/<name>.png, {args.out}/detections.json, {args.out}/images.json")
