@@ -68,7 +68,21 @@ def test_non_multiple_feature_maps_are_pruned_without_touching_padding():
         outs = pruned(feats(h=96, w=160))
     assert all(torch.isfinite(o).all() for o in outs)
     info = pruned.last_prune_info[1]
-    assert info["patch_grid"] == (2, 3) and info["pruned"]
+    assert info["patch_grid"] == (2, 3) and info["pruned"] and info["num_kept_patches"] == 3
+    # brute force: the valid slots of every image are exactly the real cells of its kept patches, each once;
+    # slots off the map (row 3, column 5) are invalid, so no padding cell is ever kept or scattered to
+    h, w, k = 3, 5, 2
+    proj = pruned.input_proj[2](feats(h=96, w=160)[2]).flatten(2).transpose(1, 2)
+    with torch.no_grad():
+        _, kept_idx, again = pruned.pruners[1](proj, (h, w))
+    assert torch.equal(again["kept_patch_idx"], info["kept_patch_idx"])
+    for b in range(kept_idx.shape[0]):
+        expected = sorted(r * w + c for p in info["kept_patch_idx"][b].tolist()
+                          for r in range((p // 3) * k, (p // 3) * k + k) for c in range((p % 3) * k, (p % 3) * k + k)
+                          if r < h and c < w)
+        valid = info["kept_valid"][b]
+        assert sorted(kept_idx[b][valid].tolist()) == expected
+        assert int((~valid).sum()) == 3 * k * k - len(expected) and bool((~valid).any())
 
 
 def test_moe_replaces_ffns_in_encoder_and_decoder_when_configured():
