@@ -140,3 +140,40 @@ def test_export_without_an_input_size_says_which_key_is_needed(tiny, tmp_path, c
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and "eval_spatial_size [h, w] is needed to export" in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+class _StubDetector(torch.nn.Module):
+    """One confident query (label 2) at the normalised box cx 0.5, cy 0.5, w 0.25, h 0.5 of the padded input."""
+
+    def forward(self, x):
+        logits = torch.full((x.shape[0], 20, 5), -10.0)
+        logits[:, 0, 2] = 10.0
+        boxes = torch.tensor([0.5, 0.5, 0.25, 0.5]).expand(x.shape[0], 20, 4).clone()
+        return {"pred_logits": logits, "pred_boxes": boxes}
+
+
+def test_infer_maps_a_known_box_to_hand_computed_pixels_of_each_original_size(tiny, tmp_path, monkeypatch):
+    """A stub model with a known box, so the reference is arithmetic, not the tool's own loader: the input is
+    resized to exactly 160x96 (no padding), so the box is x 60..100, y 24..72 input pixels; in an original
+    of W x H pixels that is x * W / 160, y * H / 96."""
+    _, data, cfg_path, ckpt = tiny
+    real = infer.load_detector
+
+    def with_stub(*args, **kwargs):
+        cfg, _model, post = real(*args, **kwargs)
+        return cfg, _StubDetector(), post
+
+    monkeypatch.setattr(infer, "load_detector", with_stub)
+    src = tmp_path / "images"
+    src.mkdir()
+    Image.new("RGB", (200, 150), (90, 90, 90)).save(src / "a.png")
+    Image.new("RGB", (131, 97), (90, 90, 90)).save(src / "b.png")
+    args = SimpleNamespace(config=str(cfg_path), resume=str(ckpt), random_weights=False, input=str(src),
+                           out=str(tmp_path / "pred"), score=0.5, update=[], device="cpu", trust_checkpoint=False)
+    dets = {d["file_name"]: d for d in infer.run(args)["detections"]}
+    assert sorted(dets) == ["a.png", "b.png"]  # one detection each: the only query above 0.5
+    assert dets["a.png"]["bbox"] == [75.0, 37.5, 50.0, 75.0]          # 60*200/160, 24*150/96, 40*1.25, 48*1.5625
+    assert dets["b.png"]["bbox"] == pytest.approx([49.12, 24.25, 32.75, 48.5], abs=0.006)  # *131/160, *97/96
+    coco = json.loads((data / "annotations" / "instances_train.json").read_text())
+    assert dets["a.png"]["category_id"] == sorted(c["id"] for c in coco["categories"])[2]
+    assert dets["a.png"]["score"] == pytest.approx(float(torch.sigmoid(torch.tensor(10.0))), abs=1e-5)
