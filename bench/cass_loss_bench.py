@@ -2,7 +2,7 @@
 
 Times one training-step call: soft masks of every box, the loss of one normalisation mode, and the
 backward pass to the logits. The vectorised path is src/zoo/rtdetr/cass.py; the reference is
-tests/cass_oracle.py (a Python loop over images and boxes, each box a [P] tensor, as a seed-style
+src/zoo/rtdetr/cass_oracle.py (a Python loop over images and boxes, each box a [P] tensor, as a seed-style
 implementation would be). Default setting: batch 8, 10/50/200 boxes per image, feature grid 40 x 23
 (w x h: input 1280 x 736 at stride 32), patch sizes 1 and 4, CPU and CUDA when available (the oracle is
 timed on CPU only; it builds its tensors there).
@@ -17,7 +17,7 @@ import time
 import torch  # noqa: E402
 
 from src.zoo.rtdetr.cass import NORMALIZATIONS, CASSConfig, cass_loss, patch_grid  # noqa: E402
-from tests.cass_oracle import oracle_cass_loss  # noqa: E402
+from src.zoo.rtdetr.cass_oracle import oracle_cass_loss  # noqa: E402
 
 
 def make_batch(batch, boxes_per_image, img_shape, device, seed):

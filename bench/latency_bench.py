@@ -206,12 +206,12 @@ def time_torch(variants: Dict[str, DeployModel], images, sizes, device: str, dty
 
 def time_onnx(variants: Dict[str, DeployModel], images, sizes, hw, repeats: int, warmup: int,
               workdir: str) -> Dict[str, dict]:
-    """Export every variant (tools/export_onnx.py) and time onnxruntime CPU sessions interleaved. The graphs
+    """Export every variant (deploy.export, as tools/export_onnx.py does) and time onnxruntime CPU sessions interleaved. The graphs
     have a dynamic batch, so a variant is exported once per input size and reused for the other batches
     (`build` gives the same weights every time)."""
     import onnxruntime as ort
 
-    from tools.export_onnx import export
+    from src.zoo.rtdetr.deploy import export
 
     sessions = {}
     for name, deploy in variants.items():

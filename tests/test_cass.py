@@ -1,4 +1,4 @@
-"""CASS maths (src/zoo/rtdetr/cass.py) against the per-box loop oracle (tests/cass_oracle.py) and hand values."""
+"""CASS maths (src/zoo/rtdetr/cass.py) against the per-box loop oracle (src/zoo/rtdetr/cass_oracle.py) and hand values."""
 import itertools
 import math
 
@@ -7,7 +7,7 @@ import torch
 
 from src.zoo.rtdetr import cass
 from src.zoo.rtdetr.cass import NORMALIZATIONS, CASSConfig
-from tests import cass_oracle as oracle
+from src.zoo.rtdetr import cass_oracle as oracle
 
 IMG = (96, 160)          # H, W of the padded input
 FEAT = (6, 10)           # h, w: stride 16

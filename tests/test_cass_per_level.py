@@ -11,7 +11,7 @@ from src.zoo.rtdetr.cass import CASSConfig
 from src.zoo.rtdetr.dset_config import level_normalizations, validate_dset
 from src.zoo.rtdetr.dset_decoder import DSETTransformerv2
 from src.zoo.rtdetr.dset_encoder import DSETHybridEncoder
-from tests import cass_oracle as oracle
+from src.zoo.rtdetr import cass_oracle as oracle
 from tests.test_cass import IMG, random_boxes
 from tests.test_dset_integration import ENC_KW, feats
 

@@ -105,7 +105,8 @@ def test_the_training_loop_imports_nothing_of_the_zoo(name):
 
 OFFICIAL_MODULES = ("hybrid_encoder", "rtdetrv2_decoder", "rtdetr", "rtdetrv2_criterion", "matcher",
                     "rtdetr_postprocessor", "denoising", "deformable_attention", "position_embedding", "box_ops")
-DSET_MODULES = ("patch_level_pruning", "moe", "cass", "cass_targets", "cass_losses", "cass_metrics", "dset_config",
+DSET_MODULES = ("patch_level_pruning", "moe", "cass", "cass_targets", "cass_losses", "cass_metrics", "cass_oracle",
+                "dset_config",
                 "dset_encoder", "dset_decoder", "dset_model", "dset_criterion", "dset_losses", "dset_hooks")
 
 
@@ -124,3 +125,11 @@ def test_the_official_modules_import_nothing_of_dset_and_name_it_nowhere_in_code
 def test_every_zoo_module_is_official_or_dset():
     found = {p.stem for p in (REPO / "src" / "zoo" / "rtdetr").glob("*.py")} - {"__init__", "deploy", "weights"}
     assert found == set(OFFICIAL_MODULES) | set(DSET_MODULES)
+
+
+@pytest.mark.parametrize("folder", ["bench", "tools"])
+def test_bench_and_tools_import_only_the_package_never_each_other_or_tests(folder):
+    other = {"bench": "tools", "tools": "bench"}[folder]
+    bad = [f"{f.relative_to(REPO)}:{line}: {m}" for f in sorted((REPO / folder).glob("*.py"))
+           for line, m in imported_modules(f) if m.split(".")[0] in (other, "tests")]
+    assert not bad, bad

@@ -18,15 +18,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
 import torch
 
-from src.zoo.rtdetr.deploy import DeployModel, load_detector, pruning_summary, set_dense_moe_dispatch
-
-OPSET = 17
-INPUT_NAMES = ["images", "orig_target_sizes"]
-OUTPUT_NAMES = ["labels", "boxes", "scores"]
+from src.zoo.rtdetr.deploy import (OPSET, OUTPUT_NAMES, DeployModel, export, load_detector,  # noqa: F401
+                                   pruning_summary, set_dense_moe_dispatch, write_class_metadata)
 
 
 def parse_args(argv=None):
@@ -50,32 +46,6 @@ def input_hw(cfg) -> tuple:
     if not size:
         raise ValueError(f"{cfg.path}: eval_spatial_size [h, w] is needed to export (the graph's input size)")
     return int(size[0]), int(size[1])
-
-
-def export(deploy: DeployModel, out: str, hw: tuple) -> None:
-    """Trace ``deploy`` at batch 1 and write the ONNX file (dynamic batch axis)."""
-    images = torch.rand(1, 3, *hw)
-    sizes = torch.tensor([[hw[1], hw[0]]], dtype=torch.int64)
-    dynamic = {name: {0: "N"} for name in INPUT_NAMES + OUTPUT_NAMES}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message="Constant folding")  # strided Slice: left to the runtime
-        torch.onnx.export(deploy, (images, sizes), out, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
-                          dynamic_axes=dynamic, opset_version=OPSET, do_constant_folding=True, dynamo=False)
-
-
-def write_class_metadata(path: str, classes) -> None:
-    """Store the training classes in the ONNX file's metadata (key 'classes': json [{label, name,
-    category_id}]), so a deployment names the labels as training did."""
-    import json
-
-    import onnx
-
-    model = onnx.load(path)
-    entry = model.metadata_props.add()
-    entry.key, entry.value = "classes", json.dumps(classes.to_records())
-    onnx.save(model, path)
 
 
 def check(deploy: DeployModel, path: str, hw: tuple, batch: int = 2, seed: int = 0) -> dict:

@@ -5,8 +5,11 @@ Used by tools/export_onnx.py, tools/infer.py and bench/latency_bench.py.
 
     cfg, model, post = load_detector("configs/dset4_r18_ratio0.3.yaml", checkpoint="output/run/best.pth")
     labels, boxes, scores = DeployModel(model, post)(images, orig_target_sizes)
+    export(DeployModel(model, post).eval(), "model.onnx", (h, w))   # the ONNX graph (opset OPSET)
 """
 from __future__ import annotations
+
+import warnings
 
 from typing import List, Optional, Sequence, Tuple
 
@@ -19,7 +22,7 @@ from src.misc.checkpoint import extract_state_dict, load_checkpoint, load_matchi
 from src.zoo.rtdetr.moe import MoEFFN
 from src.zoo.rtdetr.patch_level_pruning import PatchLevelPruner
 
-__all__ = ["load_detector", "DeployModel", "set_dense_moe_dispatch", "pruning_summary"]
+__all__ = ["load_detector", "DeployModel", "set_dense_moe_dispatch", "pruning_summary", "export", "write_class_metadata"]
 
 
 def load_detector(config: str, overrides: Sequence[str] = (), checkpoint: Optional[str] = None,
@@ -95,3 +98,35 @@ class DeployModel(nn.Module):
     def forward(self, images: Tensor, orig_target_sizes: Tensor):
         outputs = self.model(images)
         return self.postprocessor.forward_batched(outputs, orig_target_sizes)
+
+
+# ---------------------------------------------------------------- ONNX (tools/export_onnx.py, bench/latency_bench.py)
+OPSET = 17
+INPUT_NAMES = ["images", "orig_target_sizes"]
+OUTPUT_NAMES = ["labels", "boxes", "scores"]
+
+
+def export(deploy: DeployModel, out: str, hw: tuple) -> None:
+    """Trace ``deploy`` at batch 1 and write the ONNX file (dynamic batch axis)."""
+    images = torch.rand(1, 3, *hw)
+    sizes = torch.tensor([[hw[1], hw[0]]], dtype=torch.int64)
+    dynamic = {name: {0: "N"} for name in INPUT_NAMES + OUTPUT_NAMES}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="Constant folding")  # strided Slice: left to the runtime
+        torch.onnx.export(deploy, (images, sizes), out, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+                          dynamic_axes=dynamic, opset_version=OPSET, do_constant_folding=True, dynamo=False)
+
+
+def write_class_metadata(path: str, classes) -> None:
+    """Store the training classes in the ONNX file's metadata (key 'classes': json [{label, name,
+    category_id}]), so a deployment names the labels as training did."""
+    import json
+
+    import onnx
+
+    model = onnx.load(path)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "classes", json.dumps(classes.to_records())
+    onnx.save(model, path)
