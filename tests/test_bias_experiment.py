@@ -101,6 +101,37 @@ def test_recorded_runs_are_not_run_again_even_without_their_work_files(smoke, tm
     assert _result(out)['records'] == before
 
 
+def test_runs_tuned_from_another_stage1_are_dropped_and_run_again(smoke, tmp_path, monkeypatch):
+    """Stage 1 is retrained in each session and is deterministic on one machine only: when the recorded curve
+    of a seed differs from the one trained now, its records are redone from the new stage 1, never mixed."""
+    import shutil
+
+    out, work = smoke
+    mine = tmp_path / 'out'
+    shutil.copytree(out, mine)
+    result = _result(mine)
+    seed = str(bx.PROFILES['smoke'].seeds[0])
+    result['stage1_learning_curve'][seed][-1]['AP'] += 0.01   # as written on another machine
+    for r in result['records']:
+        if r['seed'] == int(seed):
+            r['AP'] = -1.0                                      # so that a kept record would show
+    missing = result['records'][-1]['cell']                     # one run left to do: stage 1 is trained again
+    result['records'] = [r for r in result['records'] if not (r['seed'] == int(seed) and r['cell'] == missing)]
+    (mine / 'bias_experiment.json').write_text(json.dumps(result))
+    logs = []
+    monkeypatch.setattr(bx, 'mask_picture', lambda *a, **k: None)
+    # every run dir of the smoke work folder has its done.json: train_once re-reads its evaluations, no training
+    profile = bx.PROFILES['smoke']
+    bx.run(profile, mine, work, profile.device, False, log=logs.append)
+    again = _result(mine)
+    assert any('WARNING seed 0: the stage 1 trained now differs' in line for line in logs)
+    assert {(r['cell'], r['steps']) for r in again['records'] if r['seed'] == int(seed)} == \
+           {(r['cell'], r['steps']) for r in _result(out)['records'] if r['seed'] == int(seed)}
+    assert all(r['AP'] >= 0 for r in again['records'])
+    assert again['stage1_learning_curve'] == _result(out)['stage1_learning_curve']
+    assert bx.stale_seeds({'0': [{'AP': 1}], '1': [{'AP': 2}]}, {'0': [{'AP': 1}], '1': [{'AP': 3}], '2': []}) == [1]
+
+
 def test_a_json_of_another_protocol_is_refused(tmp_path, capsys):
     (tmp_path / 'bias_experiment.json').write_text(json.dumps({'protocol': {'version': 1}, 'records': []}))
     assert bx.main(['--profile', 'smoke', '--out', str(tmp_path), '--work', str(tmp_path / 'w')]) == 2

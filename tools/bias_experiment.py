@@ -309,6 +309,26 @@ def evaluations(run_dir: Path, iters_per_epoch: int) -> List[Tuple[int, dict]]:
     return sorted(out, key=lambda x: x[0])
 
 
+def stale_seeds(recorded: Dict[str, list], now: Dict[str, list]) -> List[int]:
+    """Seeds whose stage 1, trained again now, has another learning curve than the one recorded with their runs
+    (stage 1 is deterministic on one machine, not across CPUs or library builds; its weights are not kept)."""
+    return sorted(int(s) for s, curve in now.items() if s in recorded and recorded[s] != curve)
+
+
+def machine() -> str:
+    """CPU model, core count and torch version: what float rounding (and so a run's digits) depends on."""
+    import platform
+
+    import torch
+    model = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            model = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), model)
+    except OSError:
+        pass
+    return f'{model}, {os.cpu_count()} cores, torch {torch.__version__}'
+
+
 def learning_curve(run_dir: Path, iters_per_epoch: int) -> List[dict]:
     """[{'steps', 'AP', 'AP50'}] of every evaluation of a run."""
     return [{'steps': steps, 'AP': s['AP'], 'AP50': s['AP50']} for steps, s in evaluations(run_dir, iters_per_epoch)]
@@ -692,6 +712,7 @@ def run(profile: Profile, out: Path, work: Path, device: str, amp: bool, log=pri
     records: List[dict] = list(previous.get('records', []))
     strength: Dict[str, dict] = dict(previous.get('strength', {}))
     curves: Dict[str, list] = dict(previous.get('stage1_learning_curve', {}))
+    recorded_curves = dict(curves)   # the stage 1 each seed's recorded runs were tuned from
     commit = git_commit()
     lock = threading.Lock()
     data_dir = ensure_data(profile, work / 'data', log)
@@ -730,6 +751,16 @@ def run(profile: Profile, out: Path, work: Path, device: str, amp: bool, log=pri
 
     with ThreadPoolExecutor(max(1, profile.jobs)) as pool:
         stage1 = dict(zip(seeds, pool.map(_stage1, seeds)))
+        for seed in stale_seeds(recorded_curves, curves):   # runs tuned from another stage 1 are not comparable
+            n = sum(r['seed'] == seed for r in records)
+            old, new = recorded_curves[str(seed)][-1], curves[str(seed)][-1]
+            log(f'[bias] WARNING seed {seed}: the stage 1 trained now differs from the one its {n} recorded '
+                f'record(s) were tuned from (AP at {new["steps"]} steps {new["AP"]:.4f}, recorded {old["AP"]:.4f}: '
+                f'another machine or library build rounds floats differently); they are dropped and run again, '
+                f'so that every run of a seed is tuned from the same weights')
+            records[:] = [r for r in records if r['seed'] != seed]
+            strength.pop(str(seed), None)
+        todo = [(s, c, e) for s, c, e in plan(profile) if not recorded(s, c, e * profile.stage2_iters)]
         for seed in seeds:   # strength scales (in-process, cheap) and the step-0 evaluation
             if str(seed) not in strength:
                 log(f'[bias] seed {seed}: measuring the CASS gradient strength of every cell on stage-1 features')
@@ -777,7 +808,8 @@ def run(profile: Profile, out: Path, work: Path, device: str, amp: bool, log=pri
 
 
 def write_results(profile: Profile, out: Path, device: str, amp: bool, commit: str, records: List[dict],
-                  strength: dict, curves: dict, log=print, command: Optional[str] = None) -> dict:
+                  strength: dict, curves: dict, log=print, command: Optional[str] = None,
+                  machine_name: Optional[str] = None) -> dict:
     """bias_experiment.json / .md / .png and bias_time_course.png from the records so far."""
     cells = [c.name for c in profile.cells] + [c.name for c in profile.extra_cells if c not in profile.cells]
     records = sorted(records, key=lambda r: (cells.index(r['cell']) if r['cell'] in cells else 99, r['seed'],
@@ -785,7 +817,8 @@ def write_results(profile: Profile, out: Path, device: str, amp: bool, commit: s
     candidates = [c.name for c in (*profile.cells, *profile.extra_cells) if c.dset and c.weight > 0]
     planned = {(c.name, s) for s, c, _ in plan(profile)}
     finished = {(r['cell'], r['seed']) for r in records if r['steps'] > 0}
-    result = {'protocol': protocol_of(profile), 'device': device, 'amp': amp, 'date': time.strftime('%Y-%m-%d'),
+    result = {'protocol': protocol_of(profile), 'device': device, 'machine': machine_name or machine(), 'amp': amp,
+              'date': time.strftime('%Y-%m-%d'),
               'commit': commit, 'commits': sorted({r['commit'] for r in records}),
               'command': command or 'python tools/bias_experiment.py ' + ' '.join(sys.argv[1:]),
               'complete': planned <= finished,
@@ -856,7 +889,8 @@ def main(argv=None) -> int:
             return 2
         write_results(PROFILES[args.profile], out, prev['device'], prev['amp'], prev['commit'], prev['records'],
                       prev['strength'], prev['stage1_learning_curve'],
-                      command=prev['command'].split(' (report')[0] + ' (report rewritten with --report-only)')
+                      command=prev['command'].split(' (report')[0] + ' (report rewritten with --report-only)',
+                      machine_name=prev.get('machine', 'not recorded (before 2026-12-02)'))
         return 0
     try:
         run(profile, out, work, args.device or profile.device, args.amp, full=replace(PROFILES[args.profile],
