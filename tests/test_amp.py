@@ -24,9 +24,13 @@ def data_root(tmp_path_factory):
     return make_tiny_dataset(tmp_path_factory.mktemp("amp_data"), num_train=8, num_val=2)
 
 
-def tiny_trainer(tmp_path, data_root, overrides=None, **kwargs) -> Trainer:
-    """The tiny plain RT-DETRv2 trainer (it evaluates on 2 images after the last epoch)."""
-    cfg_path = write_tiny_config(tmp_path / "tiny.yaml", data_root, tmp_path / "out", dset=False)
+FP16_HW = (64, 64)  # float16 autocast on CPU is about 50x slower than float32: its tests run at 64x64
+
+
+def tiny_trainer(tmp_path, data_root, overrides=None, hw=None, **kwargs) -> Trainer:
+    """The tiny plain RT-DETRv2 trainer (it evaluates on 2 images after the last epoch); ``hw``: input size."""
+    cfg_path = write_tiny_config(tmp_path / "tiny.yaml", data_root, tmp_path / "out", dset=False,
+                                 **({"hw": hw} if hw else {}))
     return Trainer(YAMLConfig(str(cfg_path), overrides=overrides or {}), device="cpu", **kwargs)
 
 
@@ -37,7 +41,7 @@ def weights(trainer):
 # --------------------------------------------------------------------------- finding 1: overflow steps
 def test_float16_amp_overflow_steps_are_skipped_counted_and_never_log_an_inf_grad_norm(tmp_path, data_root):
     trainer = tiny_trainer(tmp_path, data_root, {"use_amp": True, "amp_dtype": "float16", "amp_init_scale": 1e30,
-                                                "max_iters_per_epoch": 2})
+                                                "max_iters_per_epoch": 2}, hw=FP16_HW)
     assert trainer.state.scaler.is_enabled() and trainer.amp_dtype == torch.float16
     before = weights(trainer)
     trainer.fit()
@@ -62,7 +66,7 @@ def test_float16_amp_overflow_steps_are_skipped_counted_and_never_log_an_inf_gra
 def test_amp_steps_on_cpu_update_the_weights_with_finite_losses(tmp_path, data_root, dtype):
     # scale 1: the tiny model's float16 gradients fit without scaling (65536 overflows its first step)
     trainer = tiny_trainer(tmp_path, data_root, {"use_amp": True, "amp_dtype": dtype, "amp_init_scale": 1.0,
-                                                 "max_iters_per_epoch": 1})
+                                                 "max_iters_per_epoch": 1}, hw=FP16_HW)
     assert trainer.state.scaler.is_enabled() == (dtype == "float16")  # bfloat16 has float32's range: no scaler
     seen = []
     trainer.state.model.register_forward_hook(lambda m, a, out: seen.append(out["pred_logits"].dtype))
@@ -88,11 +92,12 @@ def test_amp_settings_are_validated_at_load_time(tmp_path, data_root, key, value
 # --------------------------------------------------------------------------- finding 2: resume across AMP
 def test_resume_a_checkpoint_without_amp_with_amp_and_back(tmp_path, data_root, capsys):
     base = {"max_iters_per_epoch": 1, "amp_dtype": "float16"}   # the scaler is float16's (on CPU it is not the default)
-    tiny_trainer(tmp_path, data_root, {**base, "epochs": 1}).fit()
+    tiny_trainer(tmp_path, data_root, {**base, "epochs": 1}, hw=FP16_HW).fit()
     last = str(tmp_path / "out" / "last.pth")
     assert torch.load(last, weights_only=True)["scaler"] == {}  # written without AMP: empty scaler state
 
-    amp = tiny_trainer(tmp_path, data_root, {**base, "epochs": 2, "amp_init_scale": 1024.0}, use_amp=True, resume=last)
+    amp = tiny_trainer(tmp_path, data_root, {**base, "epochs": 2, "amp_init_scale": 1024.0}, hw=FP16_HW, use_amp=True,
+                       resume=last)
     assert "written without float16 AMP (no GradScaler state): a fresh scaler starts at amp_init_scale = 1024" \
         in capsys.readouterr().out
     assert amp.state.scaler.get_scale() == 1024.0 and amp.state.epoch == 1
@@ -100,7 +105,7 @@ def test_resume_a_checkpoint_without_amp_with_amp_and_back(tmp_path, data_root, 
     state = torch.load(last, weights_only=True)
     assert state["epoch"] == 1 and state["scaler"]["scale"] > 0
 
-    plain = tiny_trainer(tmp_path, data_root, {**base, "epochs": 3}, resume=last)
+    plain = tiny_trainer(tmp_path, data_root, {**base, "epochs": 3}, hw=FP16_HW, resume=last)
     assert "written with float16 AMP (loss scale" in capsys.readouterr().out
     assert not plain.state.scaler.is_enabled() and plain.state.epoch == 2
     plain.fit()
@@ -163,7 +168,7 @@ def test_amp_dtype_defaults_to_bfloat16_on_cpu_and_warns_on_explicit_float16(cap
 def test_float16_amp_two_epochs_equal_one_epoch_then_resume_in_weights_optimizer_and_scaler(tmp_path, data_root):
     """Exact resume under float16 AMP (the GradScaler state included), at 64x64 so float16 on CPU stays quick."""
     def trainer(out, epochs, **kw):
-        cfg_path = write_tiny_config(tmp_path / f"{out}.yaml", data_root, tmp_path / out, dset=False, hw=(64, 64),
+        cfg_path = write_tiny_config(tmp_path / f"{out}.yaml", data_root, tmp_path / out, dset=False, hw=FP16_HW,
                                      augment=False)
         overrides = {"max_iters_per_epoch": 1, "epochs": epochs, "amp_dtype": "float16", "amp_init_scale": 256.0,
                      "use_ema": True, "deterministic": True}
