@@ -15,6 +15,7 @@ from typing import Any, Dict
 from src.core import registry
 from src.core.input_size import apply_input_size
 from src.core.yaml_utils import ConfigError, DataError, Origins, deep_merge, load_yaml_config, parse_overrides
+from src.misc.backends import MATMUL_PRECISIONS
 
 # Top-level settings that are not component sections: name -> one-line meaning (shown in errors/docs).
 GLOBAL_KEYS: Dict[str, str] = {
@@ -47,6 +48,8 @@ GLOBAL_KEYS: Dict[str, str] = {
     "eval_freq": "evaluate every N epochs (the last epoch is always evaluated)",
     "seed": "random seed",
     "deterministic": "torch deterministic algorithms (bit-exact CPU resume)",
+    "cudnn_benchmark": "CUDA: cuDNN autotuning; null (default) = on unless multi-scale training or deterministic",
+    "float32_matmul_precision": "CUDA: highest | high (default: TF32 on Ampere+) | medium (src/misc/backends.py)",
     "skip_nonfinite_steps": "skip up to N steps whose loss is NaN/inf before stopping",
     "max_iters_per_epoch": "cap iterations per epoch (demo/smoke runs); null = full epoch",
     "tuning": "weights file to tune from (same as -t)",
@@ -130,6 +133,7 @@ class YAMLConfig:
             if dl in cfg:
                 self._check_dataloader(cfg[dl], (dl,))
         self._check_amp()
+        self._check_backends()
         self.sections: Dict[str, Any] = {}
         for name, (check, _) in sections.items():
             try:
@@ -151,6 +155,15 @@ class YAMLConfig:
         if sections is not None and name in sections:
             return sections[name]
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def _check_backends(self):
+        bench, precision = self.yaml_cfg.get("cudnn_benchmark"), self.yaml_cfg.get("float32_matmul_precision", "high")
+        if bench is not None and not isinstance(bench, bool):
+            raise ConfigError(f"{self.where(('cudnn_benchmark',))} = {bench!r} is invalid: must be true, false or null "
+                              f"(auto: on unless multi-scale training)")
+        if precision not in MATMUL_PRECISIONS:
+            raise ConfigError(f"{self.where(('float32_matmul_precision',))} = {precision!r} is invalid: must be one "
+                              f"of {', '.join(MATMUL_PRECISIONS)}")
 
     def _check_amp(self):
         dtype, scale = self.yaml_cfg.get("amp_dtype", "float16"), self.yaml_cfg.get("amp_init_scale", 65536.0)

@@ -197,6 +197,11 @@ def check_loss_weights(cfg, criterion):
                                   f"finite number >= 0")
 
 
+def multiscale(train_loader) -> bool:
+    """Whether training draws input sizes per batch (``collate_fn.scales``): cuDNN autotuning then re-times."""
+    return train_loader is not None and getattr(train_loader.collate_fn, "scales", None) is not None
+
+
 def iters_per_epoch(cfg, train_loader) -> int:
     """Iterations per epoch: the loader's length, capped by ``max_iters_per_epoch``; 1 without a loader."""
     if train_loader is None:

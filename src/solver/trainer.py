@@ -24,6 +24,7 @@ from src.core.config import YAMLConfig
 from src.core.hooks import build_hooks
 from src.core.yaml_utils import ConfigError
 from src.misc import dist
+from src.misc.backends import configure_backends
 from src.misc.logger import ProgressMeter, TrainLogger
 from src.misc.rng import rng_preserved, seed_everything
 from src.optim.ema import ModelEMA
@@ -33,8 +34,8 @@ from src.solver import checkpointing
 from src.solver.checkpointing import CheckpointError  # noqa: F401  (public: train.py, tests)
 from src.solver.evaluator import evaluator_for, format_table
 from src.solver.loaders import (build_loader, check_input_divisibility, check_loss_weights, check_num_classes,
-                                check_training_data, iters_per_epoch, largest_stride, loader_seed, prepare_val_data,
-                                training_classes)
+                                check_training_data, iters_per_epoch, largest_stride, loader_seed, multiscale,
+                                prepare_val_data, training_classes)
 from src.solver.state import TrainState
 from src.solver.train_step import NonFiniteLossError, StepSettings, amp_dtype_for, skip_buffers, train_step  # noqa: F401
 
@@ -71,12 +72,9 @@ class Trainer:
         self.seed = cfg.get("seed", 0) if seed is None else seed
         self.use_amp = bool(cfg.get("use_amp", False) if use_amp is None else use_amp)  # CUDA and CPU alike
         self.amp_dtype = amp_dtype_for(cfg, self.device, self.use_amp)  # float16, or bfloat16 (default on CPU)
-        self.resume_path = resume
-        self.tuning_path = tuning or cfg.get("tuning")
-        self.trusted = trusted_checkpoint
+        self.resume_path, self.tuning_path, self.trusted = resume, tuning or cfg.get("tuning"), trusted_checkpoint
         self.test_only = test_only  # evaluation only: no training-set checks; a resume says what it evaluates
-        self.epochs = int(cfg.get("epochs", 1))
-        self.print_freq = int(cfg.get("print_freq", 50))
+        self.epochs, self.print_freq = int(cfg.get("epochs", 1)), int(cfg.get("print_freq", 50))
         self.hooks = build_hooks(cfg)  # registered by the model side (e.g. src/zoo/rtdetr/dset_hooks.py)
         self._setup()
 
@@ -105,6 +103,8 @@ class Trainer:
         check_num_classes(cfg, loaders.values())
         self.classes, self._evaluator = training_classes(self.train_loader), None  # evaluator: at the first eval
         check_input_divisibility(cfg, loaders, self.max_stride)
+        self.backends = configure_backends(self.device, cfg.get("cudnn_benchmark"), cfg.get("float32_matmul_precision",
+                                           "high"), multiscale(self.train_loader), bool(cfg.get("deterministic", False)))
         if not self.test_only:
             check_training_data(cfg, self.train_loader)
 
