@@ -77,9 +77,9 @@ def test_importing_any_module_of_the_package_registers_every_component():
     import subprocess
     import sys
 
-    code = ("import src.core.registry as r, src.core.hooks as h; "
+    code = ("import src.core.registry as r, src.core.hooks as h, src.misc.checkpoint as c; "
             "print(sorted(r.registered_names())); print(sorted(r.sections())); "
-            "print(len(h._FACTORIES), [a.__name__ for a in r.weight_adapters()])")
+            "print(len(h._FACTORIES), [a.__name__ for a in c.weight_adapters()])")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     names, sections, rest = out.stdout.strip().splitlines()
     for name in ("PResNet", "HybridEncoder", "RTDETRTransformerv2", "RTDETR", "DSETRTDETR", "HungarianMatcher",

@@ -15,7 +15,6 @@ from typing import Any, Callable, Dict, Tuple
 _REGISTRY: Dict[str, Any] = {}
 _SECTIONS: Dict[str, Tuple[Callable, str]] = {}
 _REQUIRES: Dict[str, Dict[str, str]] = {}
-_WEIGHT_ADAPTERS: list = []
 
 
 def register(name: str | None = None, force: bool = False) -> Callable:
@@ -56,20 +55,6 @@ def section_requirements(name: str) -> Dict[str, str]:
 def sections() -> Dict[str, Tuple[Callable, str]]:
     """Registered top-level sections: name -> (validate, one-line doc)."""
     return dict(_SECTIONS)
-
-
-def register_weight_adapter(adapter: Callable) -> Callable:
-    """Register a state-dict adapter ``(state_dict, model_state_dict) -> (state_dict, messages)`` that
-    ``load_pretrained`` applies (in registration order) before matching keys; a model family registers the
-    adapters its layouts need (e.g. DSET: dense FFN -> experts) when its package is imported."""
-    if adapter not in _WEIGHT_ADAPTERS:
-        _WEIGHT_ADAPTERS.append(adapter)
-    return adapter
-
-
-def weight_adapters() -> tuple:
-    """The registered state-dict adapters, in registration order."""
-    return tuple(_WEIGHT_ADAPTERS)
 
 
 def get(name: str):

@@ -22,7 +22,6 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from src.core.registry import weight_adapters
 from src.misc.dist import is_main_process
 
 __all__ = ["save_checkpoint", "load_checkpoint", "extract_state_dict", "load_matching_weights",
@@ -250,11 +249,28 @@ def load_matching_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor],
     return report
 
 
+_WEIGHT_ADAPTERS: list = []
+
+
+def register_weight_adapter(adapter: Callable) -> Callable:
+    """Register a state-dict adapter ``(state_dict, model_state_dict) -> (state_dict, messages)`` that
+    ``load_pretrained`` applies (in registration order) before matching keys; a model family registers the
+    adapters its layouts need (e.g. DSET: dense FFN -> experts) when its package is imported."""
+    if adapter not in _WEIGHT_ADAPTERS:
+        _WEIGHT_ADAPTERS.append(adapter)
+    return adapter
+
+
+def weight_adapters() -> tuple:
+    """The registered state-dict adapters, in registration order."""
+    return tuple(_WEIGHT_ADAPTERS)
+
+
 def load_pretrained(model: nn.Module, path: str, trusted: bool = False, strict: bool = False) -> LoadReport:
     """Load weights from ``path`` (official ``{'ema': {'module': sd}}`` / ``{'model': sd}`` / bare state dict).
 
     ``strict=True``: every key and shape must match (the plain detector with the official checkpoint).
-    Otherwise the state-dict adapters the model families registered (``registry.register_weight_adapter``,
+    Otherwise the state-dict adapters the model families registered (``register_weight_adapter`` below,
     e.g. one AIFI layer to every attended level, dense FFN to experts) are applied, every matching tensor
     loads and the rest stays at its initialisation (reported).
     """

@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from typing import List, Tuple
 
-from src.core.registry import register_weight_adapter
 from src.misc.checkpoint import load_pretrained  # noqa: F401  (re-exported: the loader these adapters serve)
+from src.misc.checkpoint import register_weight_adapter
 from src.zoo.rtdetr.moe import expand_dense_ffn_state
 
 _AIFI = re.compile(r"^encoder\.encoder\.(\d+)\.(.*)$")
