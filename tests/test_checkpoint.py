@@ -190,3 +190,25 @@ def test_seed_everything_same_seed_same_draws_and_deterministic_flags():
     finally:
         seed_everything(7, deterministic=False)
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_a_new_best_is_serialised_once_and_copied_to_last(tmp_path, monkeypatch):
+    """End of an epoch with a new best AP: last.pth (before the evaluation, for crash safety) and best.pth, which
+    is also the new last.pth (its best_ap updated) by a file copy: two serialisations, not three."""
+    import src.misc.checkpoint as mc
+    from src.core import YAMLConfig
+    from src.solver.trainer import Trainer
+    from tests.helpers_tiny_run import make_tiny_dataset, write_tiny_config
+
+    data = make_tiny_dataset(tmp_path / "data", num_train=2, num_val=2)
+    cfg = write_tiny_config(tmp_path / "tiny.yaml", data, tmp_path / "out", dset=False, hw=(64, 64))
+    trainer = Trainer(YAMLConfig(str(cfg), overrides={"epochs": 1, "max_iters_per_epoch": 1}), device="cpu")
+    saved, real = [], mc.torch.save
+    monkeypatch.setattr(mc.torch, "save", lambda obj, f, *a, **k: (saved.append(obj["best_ap"]), real(obj, f, *a, **k)))
+    trainer.fit()
+    best = (tmp_path / "out" / "best.pth").read_bytes()
+    assert len(saved) == 2 and saved[0] == -1.0 and saved[1] == trainer.state.best_ap >= 0
+    assert (tmp_path / "out" / "last.pth").read_bytes() == best
+    assert torch.load(tmp_path / "out" / "last.pth", weights_only=True)["best_ap"] == trainer.state.best_ap
+    assert trainer.state.last_saved_epoch == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.suffix == ".pth") == ["best.pth", "last.pth"]

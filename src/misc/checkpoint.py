@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -38,6 +39,24 @@ class NotACheckpointError(ValueError):
 # (checkpoint_state_dict, model_state_dict) -> (new_checkpoint_state_dict, messages)
 StateDictAdapter = Callable[[Dict[str, torch.Tensor], Dict[str, torch.Tensor]],
                             Tuple[Dict[str, torch.Tensor], List[str]]]
+
+
+def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Atomically copy the checkpoint file ``src`` to ``dst`` (a new best written once, then copied to
+    last.pth: one serialisation and one device-to-host transfer instead of two)."""
+    dst = os.fspath(dst)
+    directory = os.path.dirname(os.path.abspath(dst))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(dst)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out, length=16 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def save_checkpoint(obj, path: str | os.PathLike) -> None:

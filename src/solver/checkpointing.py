@@ -12,7 +12,8 @@ import pickle
 
 from src.data.classes import ClassList
 from src.misc import dist
-from src.misc.checkpoint import describe_mismatch, load_checkpoint, load_pretrained, save_checkpoint
+from src.misc.checkpoint import (copy_checkpoint, describe_mismatch, load_checkpoint, load_pretrained,
+                                 save_checkpoint)
 from src.misc.rng import get_rng_state, seed_everything, set_rng_state
 from src.solver.state import TrainState
 
@@ -58,12 +59,15 @@ def checkpoint_dict(state: TrainState, epoch: int, config: dict, classes: ClassL
 
 
 def save_training_checkpoint(state: TrainState, path: str, epoch: int, config: dict, classes: ClassList | None,
-                             distributed: bool, is_main: bool):
-    """Atomically write a checkpoint on rank 0 (every rank must call: the RNG states are gathered)."""
+                             distributed: bool, is_main: bool, copy_to: str | None = None):
+    """Atomically write a checkpoint on rank 0 (every rank must call: the RNG states are gathered); ``copy_to``:
+    a second file with the same content (a new best.pth is also the new last.pth), copied, not re-serialised."""
     rng_per_rank = dist.all_gather_object(get_rng_state()) if distributed else None
     if is_main:
         save_checkpoint(checkpoint_dict(state, epoch, config, classes, rng_per_rank), path)
-    if os.path.basename(path) == "last.pth":
+        if copy_to is not None:
+            copy_checkpoint(path, copy_to)
+    if "last.pth" in (os.path.basename(path), os.path.basename(copy_to or "")):
         state.last_saved_epoch = epoch
 
 

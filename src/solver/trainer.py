@@ -1,12 +1,9 @@
-"""The training loop: read it top to bottom.
-
-Trainer(cfg, args).fit() trains and evaluates; .evaluate_only() runs one evaluation. Everything the loop
-needs is built in ``_setup``; the step itself (AMP, clipping, non-finite skips) is in train_step.py, the
-checkpoints (full state: ``-r last.pth`` continues exactly where it stopped; on CPU a run killed mid-epoch and
-resumed ends with bit-identical weights, tests/test_reliability.py) in checkpointing.py, the loaders in
-loaders.py. What a model family adds (DSET's losses, scalars, pictures, bias evaluation) reaches the loop
-through training hooks (src/core/hooks.py) that the family registers itself. The protections are described
-in docs/reliability.md.
+"""The training loop: read it top to bottom. Trainer(cfg, args).fit() trains and evaluates; .evaluate_only()
+runs one evaluation. ``_setup`` builds everything; what a run changes is one TrainState (state.py); the step
+(AMP, clipping, non-finite skips) is train_step.py, the checkpoints (``-r last.pth`` continues exactly where it
+stopped, bit-identically on CPU) checkpointing.py, the loaders loaders.py. A model family's losses are its
+criterion's; its scalars, pictures and evaluation extras come through hooks (src/core/hooks.py). The
+protections: docs/reliability.md; the layers: docs/architecture.md.
 """
 from __future__ import annotations
 
@@ -37,7 +34,8 @@ from src.solver.loaders import (build_loader, check_input_divisibility, check_lo
                                 check_training_data, iters_per_epoch, largest_stride, loader_seed, multiscale,
                                 prepare_val_data, training_classes)
 from src.solver.state import TrainState
-from src.solver.train_step import NonFiniteLossError, StepSettings, amp_dtype_for, skip_buffers, train_step  # noqa: F401
+from src.solver.train_step import (NonFiniteLossError, StepSettings, amp_dtype_for, skip_buffers,  # noqa: F401
+                                   train_step)
 
 
 def set_epoch_everywhere(model: nn.Module, epoch: int):
@@ -103,8 +101,9 @@ class Trainer:
         check_num_classes(cfg, loaders.values())
         self.classes, self._evaluator = training_classes(self.train_loader), None  # evaluator: at the first eval
         check_input_divisibility(cfg, loaders, self.max_stride)
-        self.backends = configure_backends(self.device, cfg.get("cudnn_benchmark"), cfg.get("float32_matmul_precision",
-                                           "high"), multiscale(self.train_loader), bool(cfg.get("deterministic", False)))
+        self.backends = configure_backends(self.device, cfg.get("cudnn_benchmark"),
+                                           cfg.get("float32_matmul_precision", "high"), multiscale(self.train_loader),
+                                           bool(cfg.get("deterministic", False)))
         if not self.test_only:
             check_training_data(cfg, self.train_loader)
 
@@ -137,8 +136,7 @@ class Trainer:
         self.classes = prepare_val_data(self.val_loader, self.classes, self.train_loader, self.is_main)
 
     def _build(self, key: str, build):
-        """Build a component; a RuntimeError from its constructor (e.g. a negative size such as a negative
-        ``expansion``) is a config problem: report it as a ConfigError naming the component's section."""
+        """Build a component; a RuntimeError from its constructor (e.g. a negative size) is a ConfigError."""
         try:
             return build()
         except RuntimeError as e:
@@ -152,9 +150,10 @@ class Trainer:
             self.state, path, self.trusted, self.classes, self.seed, bool(self.cfg.get("deterministic", False)),
             self.test_only, self.is_main)
 
-    def save(self, name: str, epoch: int):
-        checkpointing.save_training_checkpoint(self.state, os.path.join(self.output_dir, name), epoch,
-                                               self.cfg.yaml_cfg, self.classes, self.distributed, self.is_main)
+    def save(self, name: str, epoch: int, copy_to: str | None = None):
+        path, copy = (os.path.join(self.output_dir, n) if n else None for n in (name, copy_to))
+        checkpointing.save_training_checkpoint(self.state, path, epoch, self.cfg.yaml_cfg, self.classes,
+                                               self.distributed, self.is_main, copy)
 
     # ------------------------------------------------------------------ training
     def fit(self):
@@ -179,8 +178,7 @@ class Trainer:
                     record["eval"] = {k: v for k, v in stats.items() if k != "per_class"}
                     if stats["AP"] > state.best_ap:
                         state.best_ap = stats["AP"]
-                        self.save("last.pth", epoch)
-                        self.save("best.pth", epoch)
+                        self.save("best.pth", epoch, copy_to="last.pth")  # one serialisation, also the new last
                 self.logger.epoch_record(record)
         finally:
             self.logger.close()  # flush TensorBoard even when training stops with an error
@@ -196,7 +194,7 @@ class Trainer:
         for obj in (self.train_loader.dataset, self.train_loader.collate_fn):
             if hasattr(obj, "set_epoch"):
                 obj.set_epoch(epoch)
-        settings = StepSettings(self.device.type, self.amp_dtype, self.use_amp, float(cfg.get("clip_max_norm", 0.0) or 0.0),
+        settings = StepSettings(self.device.type, self.amp_dtype, self.use_amp, float(cfg.get("clip_max_norm") or 0.0),
                                 int(cfg.get("skip_nonfinite_steps", 0) or 0), self.output_dir, self.is_main)
         progress = ProgressMeter(self.iters_per_epoch, header=f"epoch {epoch}/{self.epochs}", enabled=self.is_main)
         t_last, i_last = time.time(), -1  # time and iteration of the last logged step
