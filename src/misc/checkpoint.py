@@ -41,33 +41,16 @@ StateDictAdapter = Callable[[Dict[str, torch.Tensor], Dict[str, torch.Tensor]],
                             Tuple[Dict[str, torch.Tensor], List[str]]]
 
 
-def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Atomically copy the checkpoint file ``src`` to ``dst`` (a new best written once, then copied to
-    last.pth: one serialisation and one device-to-host transfer instead of two)."""
-    dst = os.fspath(dst)
-    directory = os.path.dirname(os.path.abspath(dst))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(dst)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, length=16 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def save_checkpoint(obj, path: str | os.PathLike) -> None:
-    """Atomically ``torch.save`` ``obj`` to ``path`` (parent directories are created)."""
+def _write_atomically(path: str | os.PathLike, write: Callable) -> None:
+    """``write(f)`` into a temporary file next to ``path``, fsync, rename over ``path`` (parent directories are
+    created): a reader sees the old file or the new one, never a part."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -83,6 +66,21 @@ def save_checkpoint(obj, path: str | os.PathLike) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def save_checkpoint(obj, path: str | os.PathLike) -> None:
+    """Atomically ``torch.save`` ``obj`` to ``path`` (parent directories are created)."""
+    _write_atomically(path, lambda f: torch.save(obj, f))
+
+
+def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Atomically copy the checkpoint file ``src`` to ``dst`` (a new best written once, then copied to
+    last.pth: one serialisation and one device-to-host transfer instead of two)."""
+    def copy(f):
+        with open(src, "rb") as inp:
+            shutil.copyfileobj(inp, f, length=16 << 20)
+
+    _write_atomically(dst, copy)
 
 
 def load_checkpoint(path: str | os.PathLike, trusted: bool = False, map_location="cpu"):
