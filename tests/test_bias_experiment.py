@@ -209,3 +209,18 @@ def test_cells_with_only_their_step0_record_are_left_out_of_the_last_step_table(
     rows = [{'cell': 'a', 'seed': 0, 'steps': 0}, {'cell': 'b', 'seed': 0, 'steps': 0},
             {'cell': 'b', 'seed': 0, 'steps': 50}]
     assert list(bx.last_records(rows)) == [('b', 0)]
+
+
+def test_differences_take_the_reference_at_the_cells_own_last_step():
+    def rec(cell, seed, steps, ap):
+        return {'cell': cell, 'seed': seed, 'steps': steps, 'AP': ap}
+
+    records = [rec('patch_r0.8', 0, 50, 0.40), rec('patch_r0.8', 0, 100, 0.50),
+               rec('patch_r0.8', 1, 50, 0.42), rec('patch_r0.8', 1, 100, 0.54),
+               rec('short', 0, 50, 0.45), rec('short', 1, 50, 0.43),       # an extra cell that ran 50 steps
+               rec('long', 0, 100, 0.52), rec('long', 1, 100, 0.55)]
+    table = bx.difference_table(records, ['short', 'long'])
+    short = next(line for line in table.splitlines() if line.startswith('| short |'))
+    long_ = next(line for line in table.splitlines() if line.startswith('| long |'))
+    assert short.split(' | ')[2] == '50' and '+0.030 [' in short      # (0.05 + 0.01) / 2 against step 50, not 100
+    assert long_.split(' | ')[2] == '100' and '+0.015 [' in long_     # (0.02 + 0.01) / 2

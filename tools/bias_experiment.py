@@ -511,17 +511,19 @@ def markdown_table(records: List[dict], cells: Sequence[str]) -> str:
 
 
 def difference_table(records: List[dict], cells: Sequence[str], reference: str = REFERENCE.name) -> str:
-    """Paired per-seed differences against `reference` at the last step: mean [95 % interval] (n seeds)."""
+    """Paired per-seed differences against `reference` at the cell's last step, the reference taken at the SAME
+    step (a 50-step extra cell against the reference's 50-step evaluation): mean [95 % interval] (n seeds)."""
     last = last_records(records)
-    ref = {s: r for (c, s), r in last.items() if c == reference}
-    lines = ['| cell - ' + reference + ' | seeds | ' + ' | '.join(_label(c) for c in DIFF_COLUMNS) + ' |',
-             '|---|---:|' + '---:|' * len(DIFF_COLUMNS)]
+    ref_at = {(r['seed'], r['steps']): r for r in records if r['cell'] == reference}
+    lines = ['| cell - ' + reference + ' | seeds | steps | ' + ' | '.join(_label(c) for c in DIFF_COLUMNS) + ' |',
+             '|---|---:|---:|' + '---:|' * len(DIFF_COLUMNS)]
     for name in cells:
         if name == reference:
             continue
-        rows = {s: r for (c, s), r in last.items() if c == name and s in ref}
+        rows = {s: r for (c, s), r in last.items() if c == name and (s, r['steps']) in ref_at}
         if not rows:
             continue
+        ref = {s: ref_at[(s, r['steps'])] for s, r in rows.items()}
         cols = []
         for col in DIFF_COLUMNS:
             d = paired_difference([rows[s].get(col) for s in sorted(rows)], [ref[s].get(col) for s in sorted(rows)])
@@ -532,7 +534,8 @@ def difference_table(records: List[dict], cells: Sequence[str], reference: str =
             else:
                 mark = ' *' if d['low'] > 0 or d['high'] < 0 else ''
                 cols.append(f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]{mark}")
-        lines.append(f'| {name} | {len(rows)} | ' + ' | '.join(cols) + ' |')
+        steps = '/'.join(str(x) for x in sorted({r['steps'] for r in rows.values()}))
+        lines.append(f'| {name} | {len(rows)} | {steps} | ' + ' | '.join(cols) + ' |')
     return '\n'.join(lines) + '\n\n(* the 95 % interval excludes 0)\n'
 
 
