@@ -309,3 +309,19 @@ def test_the_bench_generator_writes_a_valid_json_the_dataset_reads(tmp_path):
     ds = CocoDetection(str(tmp_path / "images"), ann, header_cache=False)   # every header checked: 1920x1080
     crowd = sum(a["iscrowd"] for a in data["annotations"])
     assert ds.box_stats["kept"] == n - crowd and ds.box_stats["clipped"] == 0
+
+
+def test_images_that_got_no_prediction_are_left_out_of_the_ap_and_reported(tmp_path, capsys):
+    """An image that failed to load during the evaluation (skip_corrupt at load time) gets no update: its boxes
+    must not count as missed (a silently lower AP); the summary names it."""
+    anns = _random_anns(60, seed=5)
+    img_dir, ann = write_coco(tmp_path, [img_entry(i, W, H) for i in range(1, 5)], anns, CATS)
+    ds = CocoDetection(img_dir, ann)
+    dets = {i: d for i, d in _detections(anns, noisy=True).items() if i != 3}
+    full = CocoEvaluator(ann, ds.label_to_category_id)
+    got = _summarize(full, dets)
+    subset = _summarize(CocoEvaluator(ann, ds.label_to_category_id, image_ids=[1, 2, 4]), dets)
+    for key in ("AP", "AP50", "AR100", "per_class"):
+        assert _same(got[key], subset[key]), key
+    assert got["images_not_evaluated"] == {"count": 1, "first_ids": [3]} and "images_not_evaluated" not in subset
+    assert "1 of 4 val image(s) got no prediction" in capsys.readouterr().out

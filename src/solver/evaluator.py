@@ -171,14 +171,18 @@ class CocoEvaluator:
             if unknown:
                 raise KeyError(f"CocoEvaluator: image_ids {unknown[:10]} are not in the ground-truth images")
             self.image_ids = wanted
-        if isinstance(self._gt, EvalGroundTruth):
-            self.num_gt = self._gt.boxes_per_category(self.image_ids)
-        else:
-            self.num_gt = {cid: 0 for cid in self.category_names}
-            for a in self._gt["annotations"]:
-                if not a.get("iscrowd", 0) and a["category_id"] in self.num_gt and a["image_id"] in self.image_ids:
-                    self.num_gt[a["category_id"]] += 1
+        self.num_gt = self._num_gt(self.image_ids)
         self._dets: Dict[int, np.ndarray] = {}
+
+    def _num_gt(self, image_ids) -> Dict[int, int]:
+        """Non-crowd ground-truth boxes per category id in ``image_ids``."""
+        if isinstance(self._gt, EvalGroundTruth):
+            return self._gt.boxes_per_category(image_ids)
+        out = {cid: 0 for cid in self.category_names}
+        for a in self._gt["annotations"]:
+            if not a.get("iscrowd", 0) and a["category_id"] in out and a["image_id"] in image_ids:
+                out[a["category_id"]] += 1
+        return out
 
     @property
     def coco_gt(self):
@@ -236,7 +240,9 @@ class CocoEvaluator:
                               xywh, scores[:, None], cats[:, None].to(torch.float64)], dim=1)
             self._dets[image_id] = rows.numpy()
 
-    def _evaluate(self, dets: np.ndarray) -> dict:
+    def _evaluate(self, dets: np.ndarray, image_ids=None) -> dict:
+        """COCOeval over ``image_ids`` (default: every image of the evaluator)."""
+        image_ids = self.image_ids if image_ids is None else set(image_ids)
         with contextlib.redirect_stdout(io.StringIO()):
             if len(dets):
                 coco_dt = self.coco_gt.loadRes(dets)
@@ -247,12 +253,13 @@ class CocoEvaluator:
                                    "annotations": []}
                 coco_dt.createIndex()
             coco_eval = self._COCOeval(self.coco_gt, coco_dt, iouType="bbox")
-            coco_eval.params.imgIds = sorted(self.image_ids)
+            coco_eval.params.imgIds = sorted(image_ids)
             coco_eval.params.catIds = sorted(set(self.label_to_category_id.values()))  # trained classes only
             coco_eval.evaluate()
             coco_eval.accumulate()
         self.last_eval = coco_eval
-        return summary_from_eval(coco_eval, self.category_names, self.num_gt)
+        num_gt = self.num_gt if image_ids == self.image_ids else self._num_gt(image_ids)
+        return summary_from_eval(coco_eval, self.category_names, num_gt)
 
     def summarize(self) -> dict:
         """Gather detections over ranks, evaluate on rank 0, broadcast the summary.
@@ -269,7 +276,14 @@ class CocoEvaluator:
         summary = None
         if is_main_process():
             dets = np.concatenate(list(merged.values()), axis=0) if merged else np.zeros((0, 7))
-            summary = self._evaluate(dets)
+            # only the images that were run: one that failed to load (skip_corrupt) must not count as all-missed
+            missing = sorted(self.image_ids - set(merged)) if merged else []
+            summary = self._evaluate(dets, set(merged) if missing else None)
+            if missing:
+                summary["images_not_evaluated"] = {"count": len(missing), "first_ids": missing[:10]}
+                print(f"warning: {len(missing)} of {len(self.image_ids)} val image(s) got no prediction in this "
+                      f"evaluation (e.g. skipped as unreadable: skip_corrupt), first ids {missing[:10]}; AP is over "
+                      f"the {len(merged)} evaluated images only", flush=True)
             summary.update(num_images=len(merged), num_detections=int(len(dets)), backend=self.backend,
                            categories=self.categories, gt_fixes=self.gt_fixes, unscored_detections=unscored,
                            **getattr(self, "_extra", {}))
