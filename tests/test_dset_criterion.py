@@ -186,3 +186,31 @@ def test_with_dset_off_the_dset_modules_are_the_official_ones():
     with torch.no_grad():
         pa, pb = plain.eval()(x), off.eval()(x)
     assert torch.equal(pa["pred_logits"], pb["pred_logits"]) and torch.equal(pa["pred_boxes"], pb["pred_boxes"])
+
+
+def test_multiscale_batches_give_cass_in_each_batchs_own_pixel_frame():
+    """Multi-scale training (collate_fn.scales): every batch has another padded size; the model reports it and
+    CASS maps the boxes with it, as the spec loss on that batch's grid computes independently."""
+    from src.data.collate import BatchImageCollateFunction
+
+    torch.manual_seed(0)
+    cfg = YAMLConfig("configs/dset4_r18_synth_cpu.yaml", overrides=["input_size=[128, 128]"])
+    model, criterion = cfg.model.train(), cfg.criterion
+    collate = BatchImageCollateFunction(scales=[[96, 160], [160, 96]])
+    sample = (torch.rand(3, 120, 200), {"boxes": torch.tensor([[20.0, 30.0, 80.0, 90.0], [150.0, 10.0, 190.0, 40.0]]),
+                                        "labels": torch.tensor([1, 2]), "image_id": torch.tensor(1),
+                                        "orig_size": torch.tensor([200, 120])})
+    seen = set()
+    for _ in range(6):
+        images, targets = collate([sample, sample])
+        outputs = model(images, targets)
+        hw = tuple(images.shape[-2:])
+        seen.add(hw)
+        assert outputs["input_shape"] == hw
+        gt = dl.targets_to_abs_xyxy(targets, hw)
+        ref = torch.stack([cass.cass_loss(i["patch_importance_scores"], gt, i["feat_shape"], hw, 2,
+                                          cass.CASSConfig(normalization="patch")) for i in outputs["dset_prune_info"]])
+        assert [i["feat_shape"] for i in outputs["dset_prune_info"]] == [(hw[0] // 16, hw[1] // 16),
+                                                                          (hw[0] // 32, hw[1] // 32)]
+        torch.testing.assert_close(criterion(outputs, targets, epoch=5)["loss_cass"], 0.05 * ref.mean())
+    assert seen == {(96, 160), (160, 96)}
