@@ -1,0 +1,148 @@
+"""Host syncs per training step: how often one step makes the host wait for the device.
+
+    python -m bench.sync_count -c configs/dset4_r18_synth_cpu.yaml --steps 3
+    python -m bench.sync_count -c configs/dset4_r18_synth_cpu.yaml --device cuda   # + CUDA's own sync checker
+
+Runs ``--steps`` real training steps through the trainer (``train.py``'s Trainer, its data and model) and
+counts, inside ``train_step`` only (logging steps, hooks and evaluation are outside it):
+
+- on any device: calls that read a tensor value on the host: ``.item()`` / ``bool(t)`` / ``float(t)``
+  (aten ``_local_scalar_dense``), ``nonzero`` (output size depends on the data), ``.tolist()``, ``.cpu()``
+  and ``.numpy()``, by the calling file and line;
+- on CUDA in addition: the synchronisations ``torch.cuda.set_sync_debug_mode("warn")`` reports (blocking
+  copies included).
+
+Not counted: reads of the optimizer's step counts (host tensors on every device). On CPU the count is still an
+upper bound of the GPU one: a ``.cpu()`` of a tensor that is already on the host (e.g. the Hungarian
+matcher's result in ``rtdetrv2_criterion.match_from_indices``) is counted though it would not wait for a GPU,
+and blocking host-to-device copies are not seen (only CUDA's checker sees them). The last line is
+``host syncs per step: N`` (the median over the steps after the first). Figures: docs/performance.md.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import sys
+import tempfile
+import traceback
+import warnings
+from pathlib import Path
+from typing import Counter, List
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+SYNC_OPS = {"_local_scalar_dense", "nonzero"}
+TENSOR_METHODS = ("tolist", "cpu", "numpy")
+
+
+def _caller() -> str:
+    """file:line of the innermost frame of the repository's own code (not torch's)."""
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        path = Path(frame.filename)
+        if REPO in path.parents and not {"bench", ".venv", "site-packages"} & set(path.parts):
+            return f"{path.relative_to(REPO)}:{frame.lineno}"
+    return "?"
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts host-reading operations while active: ``counts[(kind, where)]``."""
+
+    def __init__(self, host_tensors=()):
+        super().__init__()
+        self.counts: Counter = collections.Counter()
+        self._saved = {}
+        self._host = {t.data_ptr() for t in host_tensors}  # on the host on every device (optimizer step counts)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in SYNC_OPS:
+            host = name == "_local_scalar_dense" and args and torch.is_tensor(args[0]) and \
+                args[0].data_ptr() in self._host
+            if not host:
+                self.counts[(name, _caller())] += 1
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        for method in TENSOR_METHODS:
+            original = getattr(torch.Tensor, method)
+            self._saved[method] = original
+
+            def counted(t, *a, _original=original, _name=method, **k):
+                self.counts[(_name, _caller())] += 1
+                return _original(t, *a, **k)
+            setattr(torch.Tensor, method, counted)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for method, original in self._saved.items():
+            setattr(torch.Tensor, method, original)
+        return super().__exit__(*exc)
+
+
+def count_steps(config: str, overrides: List[str], steps: int, device: str) -> List[Counter]:
+    """The counts of each of ``steps`` training steps of the config's trainer."""
+    import src.solver.trainer as trainer_module
+    from src.core import YAMLConfig
+
+    cfg = YAMLConfig(config, overrides=overrides + [f"max_iters_per_epoch={steps}", "epochs=1", "print_freq=100000"])
+    cfg.yaml_cfg.pop("val_dataloader", None)  # no evaluation: steps only
+    trainer = trainer_module.Trainer(cfg, device=device, output_dir=tempfile.mkdtemp(prefix="sync_count_"))
+    per_step: List[Counter] = []
+    real = trainer_module.train_step
+
+    def counted_step(*args, **kwargs):
+        # AdamW keeps its step counts as host tensors on every device (not fused / capturable): reading them is
+        # no device sync, so they are not counted
+        steps = [v for st in trainer.state.optimizer.state.values() for k, v in st.items() if k == "step"]
+        with SyncCounter(steps) as counter, warnings.catch_warnings(record=True) as caught:
+            if device.startswith("cuda"):
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = real(*args, **kwargs)
+            finally:
+                if device.startswith("cuda"):
+                    torch.cuda.set_sync_debug_mode(0)
+        counts = collections.Counter(counter.counts)
+        for w in caught:
+            if "synchroniz" in str(w.message).lower():
+                counts[("cuda_sync", f"{Path(w.filename).name}:{w.lineno}")] += 1
+        per_step.append(counts)
+        return out
+
+    trainer_module.train_step = counted_step
+    try:
+        trainer.fit()
+    finally:
+        trainer_module.train_step = real
+    return per_step
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("-u", "--update", nargs="*", default=[], help="config overrides a.b=value")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    per_step = count_steps(args.config, args.update, args.steps, args.device)
+    where = collections.Counter()
+    for counts in per_step[1:] or per_step:
+        where.update(counts)
+    n = max(1, len(per_step[1:] or per_step))
+    print("| kind | where | per step |\n|---|---|---:|")
+    for (kind, loc), c in sorted(where.items(), key=lambda x: (-x[1], x[0])):
+        print(f"| {kind} | {loc} | {c / n:g} |")
+    totals = [sum(c.values()) for c in per_step]
+    print(f"steps: {len(per_step)}, per step: {totals}")
+    print(f"host syncs per step: {statistics.median(totals[1:] or totals):g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""bench/sync_count.py counts the host reads of a training step, with the line that makes them."""
+from __future__ import annotations
+
+import torch
+
+from bench import sync_count
+from tests.helpers_tiny_run import make_tiny_dataset, write_tiny_config
+
+
+def test_the_counter_sees_item_bool_tolist_cpu_and_nonzero_and_nothing_else():
+    x = torch.arange(6.0)
+    with sync_count.SyncCounter() as c:
+        y = (x * 2).sum()
+        float(y.item())
+        bool(y > 3)
+        x.tolist()
+        x.cpu()
+        torch.nonzero(x)
+        x + 1
+    kinds = collections_of(c.counts)
+    assert kinds == {"_local_scalar_dense": 2, "tolist": 1, "cpu": 1, "nonzero": 1}
+    assert all(where.startswith("tests/test_sync_count.py:") for (_, where) in c.counts)
+    assert torch.Tensor.tolist is not None and x.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # restored
+
+
+def collections_of(counts):
+    out = {}
+    for (kind, _), n in counts.items():
+        out[kind] = out.get(kind, 0) + n
+    return out
+
+
+def test_a_dset_training_step_is_counted_per_step_with_its_sources(tmp_path, capsys):
+    data = make_tiny_dataset(tmp_path / "data")
+    cfg = write_tiny_config(tmp_path / "tiny.yaml", data, tmp_path / "out", dset=True, augment=False)
+    assert sync_count.main(["-c", str(cfg), "--steps", "2"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("host syncs per step: ") and float(out[-1].split(": ")[1]) > 0
+    table = "\n".join(out)
+    assert "src/zoo/rtdetr/matcher.py" in table and "src/zoo/rtdetr/moe.py" in table  # known sources (issue 18)
