@@ -7,7 +7,7 @@ extension points:
 - ``build_attention_extras``: one ``PatchLevelPruner`` per attended level (``dset.pruner``), and the AIFI
   FFNs become mixtures of experts when ``dset.moe.encoder_num_experts > 0`` (built at the plain encoder's
   point of construction, so the initialisation order, and with it a seeded run, is unchanged);
-- ``encode_level``: prune, attend among the kept tokens with their gathered position embeddings, scatter
+- ``attend_tokens``: prune, attend among the kept tokens with their gathered position embeddings, scatter
   back over the level's projected map (pruned cells keep their projected features).
 
 After every forward, ``last_prune_info`` holds one pruner info dict per attended level (read by
@@ -58,15 +58,11 @@ class DSETHybridEncoder(HybridEncoder):
         self.last_prune_info = []
         return super().forward(feats)
 
-    def encode_level(self, enc_i: int, proj_feat: torch.Tensor,
-                     src_key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def attend_tokens(self, enc_i: int, src: torch.Tensor, pos_embed: torch.Tensor, hw,
+                      src_key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.pruners is None:
-            return super().encode_level(enc_i, proj_feat, src_key_padding_mask)
-        b, c, h, w = proj_feat.shape
-        src = proj_feat.flatten(2).permute(0, 2, 1)  # [B, h*w, C]
-        pos_embed = self.position_embedding(enc_i, h, w, src.device)
-        memory = self._encode_pruned(enc_i, src, pos_embed, (h, w))
-        return memory.permute(0, 2, 1).reshape(b, c, h, w).contiguous()
+            return super().attend_tokens(enc_i, src, pos_embed, hw, src_key_padding_mask)
+        return self._encode_pruned(enc_i, src, pos_embed, hw)
 
     def _encode_pruned(self, enc_i: int, src: torch.Tensor, pos_embed: torch.Tensor, hw) -> torch.Tensor:
         """Prune, attend among kept tokens, scatter back. src [B, N, C], pos_embed [1, N, C] -> [B, N, C].

@@ -3,6 +3,7 @@ coarsest level(s)) and CCFM (top-down FPN + bottom-up PAN with CSP-RepVGG blocks
 
 Extension points (a subclass uses them, e.g. dset_encoder.DSETHybridEncoder; this module names no extension):
 - ``HybridEncoder.build_attention_extras()``, called in ``__init__`` after the attention layers;
+- ``HybridEncoder.attend_tokens(enc_i, src, pos_embed, hw, mask)``, the attention of one level's tokens;
 - ``HybridEncoder.encode_level(enc_i, proj_feat, src_key_padding_mask)`` runs the attention of one level;
   ``HybridEncoder.position_embedding(enc_i, h, w, device)`` gives its [1, h*w, C] position embedding.
 - ``TransformerEncoderLayer.forward`` takes ``src_key_padding_mask`` (padded / pruned sequences) and a
@@ -160,8 +161,8 @@ class HybridEncoder(nn.Module):
             see ``src/zoo/rtdetr/position_embedding.py`` for non-square inputs.
 
     Extension points (the plain encoder uses neither): ``build_attention_extras()`` is called in ``__init__``
-    right after the attention layers are built, before the CCFM, and ``encode_level`` encodes one attended
-    level (DSET's ``dset_encoder.DSETHybridEncoder`` prunes there).
+    right after the attention layers are built, before the CCFM, and ``attend_tokens`` attends one level's
+    tokens (DSET's ``dset_encoder.DSETHybridEncoder`` prunes there).
 
     forward(feats: list of [B, in_channels[i], H_i, W_i], each level half the size of the previous one)
         -> list of [B, hidden_dim, H_i, W_i], same strides.
@@ -265,8 +266,14 @@ class HybridEncoder(nn.Module):
         b, c, h, w = proj_feat.shape
         src = proj_feat.flatten(2).permute(0, 2, 1)  # [B, h*w, C]
         pos_embed = self.position_embedding(enc_i, h, w, src.device)
-        memory = self.encoder[enc_i](src, pos_embed=pos_embed, src_key_padding_mask=src_key_padding_mask)
+        memory = self.attend_tokens(enc_i, src, pos_embed, (h, w), src_key_padding_mask)
         return memory.permute(0, 2, 1).reshape(b, c, h, w).contiguous()
+
+    def attend_tokens(self, enc_i: int, src: torch.Tensor, pos_embed: torch.Tensor, hw,
+                      src_key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The attention of one level on its tokens: src [B, h*w, C], pos_embed [1, h*w, C] -> [B, h*w, C]
+        (a subclass may attend on fewer tokens, e.g. DSET's pruned ones)."""
+        return self.encoder[enc_i](src, pos_embed=pos_embed, src_key_padding_mask=src_key_padding_mask)
 
     def forward(self, feats: List[torch.Tensor]) -> List[torch.Tensor]:
         if len(feats) != len(self.in_channels):
