@@ -42,7 +42,7 @@ from typing import Callable, Dict, List, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from src.zoo.rtdetr.deploy import DeployModel, load_detector, set_dense_moe_dispatch
+from src.zoo.rtdetr.deploy import DeployModel, load_detector, set_moe_dispatch
 
 BASE_CONFIG = "configs/dset4_r18_ratio0.3.yaml"
 KEEP_RATIOS = (1.0, 0.7, 0.5, 0.3)
@@ -217,11 +217,11 @@ def time_onnx(variants: Dict[str, DeployModel], images, sizes, hw, repeats: int,
     for name, deploy in variants.items():
         path = os.path.join(workdir, f"{name}_{hw[0]}x{hw[1]}.onnx")
         if not os.path.exists(path):
-            set_dense_moe_dispatch(deploy.model, True)
+            set_moe_dispatch(deploy.model, "dense")
             try:
                 export(deploy, path, hw)
             finally:
-                set_dense_moe_dispatch(deploy.model, False)
+                set_moe_dispatch(deploy.model, "auto")
         sessions[name] = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     feed = {"images": images.cpu().numpy(), "orig_target_sizes": sizes.cpu().numpy()}
     for sess in sessions.values():

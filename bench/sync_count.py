@@ -7,15 +7,16 @@ Runs ``--steps`` real training steps through the trainer (``train.py``'s Trainer
 counts, inside ``train_step`` only (logging steps, hooks and evaluation are outside it):
 
 - on any device: calls that read a tensor value on the host: ``.item()`` / ``bool(t)`` / ``float(t)``
-  (aten ``_local_scalar_dense``), ``nonzero`` (output size depends on the data), ``.tolist()``, ``.cpu()``
-  and ``.numpy()``, by the calling file and line;
+  (aten ``_local_scalar_dense``), ``nonzero`` (output size depends on the data), ``.tolist()`` and ``.cpu()``,
+  by the calling file and line (not ``.numpy()``: it refuses a device tensor, so it never waits for one);
 - on CUDA in addition: the synchronisations ``torch.cuda.set_sync_debug_mode("warn")`` reports (blocking
   copies included).
 
 Not counted: reads of the optimizer's step counts (host tensors on every device). On CPU the count is still an
-upper bound of the GPU one: a ``.cpu()`` of a tensor that is already on the host (e.g. the Hungarian
-matcher's result in ``rtdetrv2_criterion.match_from_indices``) is counted though it would not wait for a GPU,
-and blocking host-to-device copies are not seen (only CUDA's checker sees them). The last line is
+upper bound of the GPU one: a read of a tensor that is already on the host would be counted though it would
+not wait for a GPU, and blocking host-to-device copies are not seen (only CUDA's checker sees them). The MoE
+layers' ``dispatch: auto`` is ``sorted`` on a CPU (one ``.tolist()`` per layer) and ``dense`` on CUDA (none):
+``-u dset.moe_dispatch=dense`` counts on a CPU what a CUDA step does. The last line is
 ``host syncs per step: N`` (the median over the steps after the first). Figures: docs/performance.md.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 SYNC_OPS = {"_local_scalar_dense", "nonzero"}
-TENSOR_METHODS = ("tolist", "cpu", "numpy")
+TENSOR_METHODS = ("tolist", "cpu")  # not .numpy(): it refuses a device tensor, so it never waits for one
 
 
 def _caller() -> str:

@@ -98,7 +98,9 @@ def test_the_criterion_gives_the_loss_dict_recorded_before_it_owned_the_dset_ter
     _, _, _, losses = _step(overrides, epoch)
     assert sorted(losses) == sorted(expected)
     for key, value in expected.items():
-        assert float(losses[key].detach()) == pytest.approx(value, rel=1e-5, abs=1e-8), key
+        # recorded on an Intel Xeon (AVX-512); an AMD EPYC (AVX2) gives the same code's losses within 7e-5 (the
+        # MoE balance term, whose routing amplifies float rounding), the other terms within 4e-5
+        assert float(losses[key].detach()) == pytest.approx(value, rel=2e-4, abs=1e-8), key
 
 
 def test_dset_weights_live_in_the_criterions_weight_dict_and_scale_each_term():

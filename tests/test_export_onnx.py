@@ -13,7 +13,7 @@ from helpers_tiny_run import tiny_config_dict
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from src.zoo.rtdetr.deploy import DeployModel, load_detector, set_dense_moe_dispatch  # noqa: E402
+from src.zoo.rtdetr.deploy import DeployModel, load_detector, set_moe_dispatch  # noqa: E402
 from src.zoo.rtdetr.moe import MoEFFN  # noqa: E402
 from tools import export_onnx  # noqa: E402
 
@@ -35,7 +35,7 @@ def _kept_sets(model, images):
 def test_onnxruntime_matches_pytorch_with_the_deployment_interface(tmp_path, dset):
     torch.manual_seed(0)
     cfg, model, post = load_detector(_tiny_config(tmp_path, dset), random_weights=True)
-    set_dense_moe_dispatch(model)
+    set_moe_dispatch(model, "dense")
     deploy = DeployModel(model, post).eval()
     out = str(tmp_path / "model.onnx")
     hw = export_onnx.input_hw(cfg)
@@ -77,7 +77,7 @@ def test_dense_moe_dispatch_equals_routed_moe():
     moe = MoEFFN(16, 32, num_experts=4, top_k=2, noise_std=0.1).eval()
     x = torch.randn(2, 7, 16)
     routed = moe(x)
-    moe.dense_dispatch = True
+    moe.dispatch = "dense"
     dense = moe(x)
     # independent reference: per token, the two chosen experts' FFNs mixed by the softmax of their logits
     logits = moe.gate(x.reshape(-1, 16))

@@ -38,3 +38,15 @@ def test_a_dset_training_step_is_counted_per_step_with_its_sources(tmp_path, cap
     assert out[-1].startswith("host syncs per step: ") and float(out[-1].split(": ")[1]) > 0
     table = "\n".join(out)
     assert "src/zoo/rtdetr/matcher.py" in table and "src/zoo/rtdetr/moe.py" in table  # known sources (issue 18)
+
+
+def test_with_the_cuda_dispatch_a_dset_step_reads_the_host_three_times_at_known_lines(tmp_path, capsys):
+    """Issue 18's goal (at most 4 per step): the non-finite output flag, the step's flags and ONE transfer of
+    every matching cost of the step; the MoE layers (dense dispatch, as on CUDA) and denoising read nothing."""
+    data = make_tiny_dataset(tmp_path / "data")
+    cfg = write_tiny_config(tmp_path / "tiny.yaml", data, tmp_path / "out", dset=True, augment=False)
+    per_step = sync_count.count_steps(str(cfg), ["dset.moe_dispatch=dense"], 3, "cpu")
+    for counts in per_step[1:]:  # the first step creates the optimizer's (host) step counts, read uncounted later
+        assert sum(counts.values()) == 3, counts
+        where = sorted(loc.split(":")[0] for (_, loc) in counts)
+        assert where == ["src/solver/train_step.py", "src/solver/train_step.py", "src/zoo/rtdetr/matcher.py"], counts

@@ -22,7 +22,7 @@ import sys
 import torch
 
 from src.zoo.rtdetr.deploy import (OPSET, OUTPUT_NAMES, DeployModel, export, load_detector,  # noqa: F401
-                                   pruning_summary, set_dense_moe_dispatch, write_class_metadata)
+                                   pruning_summary, set_moe_dispatch, write_class_metadata)
 
 
 def parse_args(argv=None):
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         return 2
     if args.random_weights:
         print("WARNING: exporting RANDOM weights (--random-weights): for tests only", file=sys.stderr)
-    n_moe = set_dense_moe_dispatch(model)
+    n_moe = set_moe_dispatch(model, "dense")
     deploy = DeployModel(model, post).eval()
     export(deploy, args.out, hw)
     if cfg.checkpoint_classes is not None:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from src.misc.transfer import to_device
+
 NORMALIZATIONS = ('patch', 'object', 'object_area', 'area_patch', 'object_balanced')
 LOSS_TYPES = ('mse', 'focal', 'vfl')
 DECAY_TYPES = ('gaussian', 'linear')
@@ -90,8 +92,8 @@ def pack_boxes(gt_bboxes: list) -> tuple:
     boxes = torch.cat([b.reshape(-1, 4) for b in gt_bboxes]).to(device)
     if not boxes.is_floating_point():
         boxes = boxes.float()
-    batch_idx = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long),
-                                        output_size=sum(counts)).to(device)
+    batch_idx = to_device(torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long),
+                                                  output_size=sum(counts)), device)
     return boxes, batch_idx
 
 

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import init
 
+from src.misc.transfer import tensor_on
+
 CROSS_ATTN_METHODS = ("default", "discrete")
 
 
@@ -79,7 +81,7 @@ def multi_scale_deformable_attention_core(value: Tensor,
 def _nearest_cell_sample(value_l: Tensor, loc_l: Tensor) -> Tensor:
     """Nearest-cell lookup: value_l [N, D, h, w], loc_l [N, Lq, P, 2] in [0, 1] -> [N, D, Lq, P]."""
     n, d, h, w = value_l.shape
-    size = torch.tensor([w, h], device=loc_l.device, dtype=loc_l.dtype)
+    size = tensor_on([w, h], loc_l.device, loc_l.dtype)
     cell = torch.floor(loc_l * size + 0.5).long()
     x = cell[..., 0].clamp(0, w - 1)
     y = cell[..., 1].clamp(0, h - 1)
@@ -157,7 +159,7 @@ class MSDeformableAttention(nn.Module):
             raise ValueError(f"MSDeformableAttention: reference_points level axis is {reference.shape[2]}; "
                              f"expected 1 or num_levels={self.num_levels}")
         if reference.shape[2] == self.num_levels and self.num_levels > 1:
-            repeats = torch.tensor(self.num_points_list, device=reference.device)
+            repeats = tensor_on(self.num_points_list, reference.device)
             reference = reference.repeat_interleave(repeats, dim=2, output_size=sum(self.num_points_list))
         return reference.unsqueeze(2)
 
@@ -191,8 +193,8 @@ class MSDeformableAttention(nn.Module):
             scale = self.num_points_scale.to(query.dtype).unsqueeze(-1)  # [P, 1]
             locations = reference[..., :2] + offsets * scale * reference[..., 2:] * self.offset_scale
         elif reference_points.shape[-1] == 2:
-            level_wh = torch.tensor([[w, h] for h, w in value_spatial_shapes], dtype=query.dtype, device=query.device)
-            repeats = torch.tensor(self.num_points_list, device=query.device)
+            level_wh = tensor_on([[w, h] for h, w in value_spatial_shapes], query.device, query.dtype)
+            repeats = tensor_on(self.num_points_list, query.device)
             normaliser = level_wh.repeat_interleave(repeats, dim=0, output_size=total_points)  # [P, 2]
             locations = reference + offsets / normaliser
         else:

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from src.misc.transfer import tensor_on
 from src.zoo.rtdetr.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 
 
@@ -33,7 +34,7 @@ def pad_targets(targets: List[Dict[str, Tensor]], num_classes: int) -> Tuple[Ten
     labels = torch.full((batch, max_count), num_classes, dtype=torch.int64, device=device)
     boxes = torch.zeros((batch, max_count, 4), dtype=dtype, device=device)
     total = sum(counts)
-    count_t = torch.tensor(counts, device=device)
+    count_t = tensor_on(counts, device)
     image_idx = torch.repeat_interleave(torch.arange(batch, device=device), count_t, output_size=total)
     starts = torch.cumsum(count_t, 0) - count_t
     slot_idx = torch.arange(total, device=device) - starts[image_idx]
@@ -41,6 +42,14 @@ def pad_targets(targets: List[Dict[str, Tensor]], num_classes: int) -> Tuple[Ten
     boxes[image_idx, slot_idx] = torch.cat([t["boxes"] for t in targets]).to(dtype)
     valid = torch.arange(max_count, device=device)[None, :] < count_t[:, None]
     return labels, boxes, valid
+
+
+def positive_query_indices(counts: List[int], num_group: int, group_size: int, device=None) -> List[Tensor]:
+    """The positive denoising queries of each image, without reading the device: group g holds image b's
+    positives at g * group_size + [0, n_b). counts: n_b per image (host ints). Returns B int64 tensors
+    [n_b * num_group], group-major (group 0's positives, then group 1's, ...)."""
+    start = torch.arange(num_group, device=device)[:, None] * group_size            # [G, 1]
+    return [(start + torch.arange(n, device=device)[None, :]).reshape(-1) for n in counts]
 
 
 def denoising_attention_mask(num_denoising: int, group_size: int, num_queries: int, device=None) -> Tensor:
@@ -101,9 +110,7 @@ def get_contrastive_denoising_training_group(targets: List[Dict[str, Tensor]],
     valid = valid.repeat(1, 2 * num_group)
     is_negative = ((torch.arange(total_dn, device=device) % group_size) >= max_count)  # [N]
 
-    positive = valid & ~is_negative[None, :]
-    positive_idx = torch.nonzero(positive)[:, 1]
-    dn_positive_idx = list(torch.split(positive_idx, [n * num_group for n in counts]))
+    dn_positive_idx = positive_query_indices(counts, num_group, group_size, device)
 
     if label_noise_ratio > 0:
         flip = torch.rand(labels.shape, device=device) < (label_noise_ratio * 0.5)

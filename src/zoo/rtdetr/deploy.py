@@ -19,10 +19,10 @@ from torch import Tensor, nn
 from src.core.config import YAMLConfig
 from src.data.classes import ClassList, match_classes
 from src.misc.checkpoint import extract_state_dict, load_checkpoint, load_matching_weights
-from src.zoo.rtdetr.moe import MoEFFN
+from src.zoo.rtdetr.moe import MOE_DISPATCHES, MoEFFN
 from src.zoo.rtdetr.patch_level_pruning import PatchLevelPruner
 
-__all__ = ["load_detector", "DeployModel", "set_dense_moe_dispatch", "pruning_summary", "export", "write_class_metadata"]
+__all__ = ["load_detector", "DeployModel", "set_moe_dispatch", "pruning_summary", "export", "write_class_metadata"]
 
 
 def load_detector(config: str, overrides: Sequence[str] = (), checkpoint: Optional[str] = None,
@@ -61,12 +61,14 @@ def load_detector(config: str, overrides: Sequence[str] = (), checkpoint: Option
     return cfg, model.to(device).eval(), post.to(device).eval()
 
 
-def set_dense_moe_dispatch(model: nn.Module, on: bool = True) -> int:
-    """Switch every MoEFFN of ``model`` to (or back from) dense dispatch, the traceable form that graph
-    export needs (see MoEFFN.forward_dense_dispatch). Returns the number of MoE layers switched."""
+def set_moe_dispatch(model: nn.Module, dispatch: str) -> int:
+    """Set the dispatch (``MOE_DISPATCHES``: auto / sorted / dense) of every MoEFFN of ``model``; graph export
+    needs ``dense`` (static shapes, no host read). Returns the number of MoE layers set."""
+    if dispatch not in MOE_DISPATCHES:
+        raise ValueError(f"set_moe_dispatch: dispatch={dispatch!r} is not one of {list(MOE_DISPATCHES)}")
     layers = [m for m in model.modules() if isinstance(m, MoEFFN)]
     for m in layers:
-        m.dense_dispatch = on
+        m.dispatch = dispatch
     return len(layers)
 
 

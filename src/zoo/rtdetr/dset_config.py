@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from src.core.registry import register_section
 from src.zoo.rtdetr.cass_targets import NORMALIZATIONS, CASSConfig
+from src.zoo.rtdetr.moe import MOE_DISPATCHES
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ def _norm_check(value) -> bool:
                                                                for v in value)
 _decay_check, _decay_rule = _choice("gaussian", "linear")
 _loss_check, _loss_rule = _choice("mse", "focal", "vfl")
+_dispatch_check, _dispatch_rule = _choice(*MOE_DISPATCHES)
 _nonneg = (lambda v: v >= 0, ">= 0")
 _pos_int = (lambda v: v >= 1, ">= 1")
 
@@ -76,6 +78,9 @@ DSET_KEYS: Dict[str, Key] = {
     "encoder_moe_num_experts": Key(0, int, *_nonneg, "encoder (AIFI) FFN experts; 0 = dense FFN"),
     "encoder_moe_top_k": Key(2, int, *_pos_int, "experts per token (encoder)"),
     "encoder_moe_balance_weight": Key(0.001, (int, float), *_nonneg, "encoder load-balancing loss weight"),
+    "moe_dispatch": Key("auto", str, _dispatch_check, _dispatch_rule,
+                        "how tokens reach their experts: auto = dense on CUDA (static shapes, no host sync, "
+                        "E/top_k x the expert FLOPs), sorted elsewhere (one host read per layer)"),
     "vis_interval": Key(0, int, *_nonneg, "log mask pictures every N steps (0 = never)"),
 }
 
@@ -144,6 +149,7 @@ class MoESettings:
     encoder_num_experts: int
     encoder_top_k: int
     encoder_balance_weight: float
+    dispatch: str = "auto"   # moe.MOE_DISPATCHES
 
 
 @dataclass(frozen=True)
@@ -176,7 +182,7 @@ def _build(out: dict) -> DSETConfig:
         moe=MoESettings(num_experts=out["num_experts"], top_k=out["top_k"], noise_std=out["moe_noise_std"],
                         balance_weight=out["moe_balance_weight"], encoder_num_experts=out["encoder_moe_num_experts"],
                         encoder_top_k=out["encoder_moe_top_k"],
-                        encoder_balance_weight=out["encoder_moe_balance_weight"]),
+                        encoder_balance_weight=out["encoder_moe_balance_weight"], dispatch=out["moe_dispatch"]),
         vis_interval=out["vis_interval"],
         values=MappingProxyType({k: (tuple(v) if isinstance(v, list) else v) for k, v in out.items()}))
 

@@ -33,4 +33,4 @@ class DSETTransformerv2(RTDETRTransformerv2):
         if dset is not None and dset.moe.num_experts > 0:
             for layer in self.decoder.layers:
                 replace_ffn_with_moe(layer, dset.moe.num_experts, dset.moe.top_k, dset.moe.noise_std,
-                                     self.ffn_activation)
+                                     self.ffn_activation, dset.moe.dispatch)

@@ -52,7 +52,7 @@ class DSETHybridEncoder(HybridEncoder):
             for enc in self.encoder:
                 for layer in enc.layers:
                     replace_ffn_with_moe(layer, dset.moe.encoder_num_experts, dset.moe.encoder_top_k,
-                                         dset.moe.noise_std, self.enc_act)
+                                         dset.moe.noise_std, self.enc_act, dset.moe.dispatch)
 
     def forward(self, feats: List[torch.Tensor]) -> List[torch.Tensor]:
         self.last_prune_info = []

@@ -3,10 +3,12 @@
 The cost of assigning query q to target j is a weighted sum of a classification cost (focal-style
 by default), the L1 distance between the normalised cxcywh boxes and the negative GIoU. The cost
 matrix is built for the whole batch with one set of tensor ops; only scipy's
-``linear_sum_assignment`` runs per image, on CPU.
+``linear_sum_assignment`` runs per image, on CPU. ``match_many`` matches several sets of predictions of
+one step (final layer, aux layers, encoder proposals) with ONE device-to-host transfer of their costs.
 """
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
@@ -84,32 +86,54 @@ class HungarianMatcher(nn.Module):
         cost = self.cost_class * cost_class + self.cost_bbox * cost_bbox + self.cost_giou * cost_giou
         return cost.view(bs, num_queries, -1)
 
-    @torch.no_grad()
     def forward(self, outputs: Dict[str, Tensor],
                 targets: List[Dict[str, Tensor]]) -> Dict[str, List[Tuple[Tensor, Tensor]]]:
-        pred_logits, pred_boxes = outputs["pred_logits"], outputs["pred_boxes"]
-        if len(targets) != pred_logits.shape[0]:
-            raise ValueError(f"HungarianMatcher: {len(targets)} target dicts for a batch of "
-                             f"{pred_logits.shape[0]} predictions; pass one dict per image")
-        sizes = [len(t["boxes"]) for t in targets]
-        empty = torch.zeros(0, dtype=torch.int64)
-        if sum(sizes) == 0:
-            return {"indices": [(empty, empty) for _ in sizes]}
+        return self.match_many([(outputs, targets)])[0]
 
-        tgt_labels = torch.cat([t["labels"] for t in targets]).to(pred_logits.device)
-        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(pred_boxes.device)
-        cost = self.cost_matrix(pred_logits, pred_boxes, tgt_labels, tgt_boxes).cpu()
-        if not torch.isfinite(cost).all():
-            raise FloatingPointError("HungarianMatcher: the matching cost contains NaN/inf, so the "
-                                     "predictions (pred_logits / pred_boxes) are not finite; the "
-                                     "model has diverged (lower the learning rate or check the inputs)")
+    @torch.no_grad()
+    def match_many(self, calls: Sequence[Tuple[Dict[str, Tensor], List[Dict[str, Tensor]]]],
+                   names: Sequence[str] = ()) -> List[Dict[str, List[Tuple[Tensor, Tensor]]]]:
+        """``forward`` of each (outputs, targets) pair, with one host transfer for all of them.
 
-        indices = []
-        for b, image_cost in enumerate(cost.split(sizes, dim=-1)):
-            if sizes[b] == 0:
-                indices.append((empty, empty))
+        The cost matrices are built on the predictions' device, concatenated and copied to the host once
+        (one device sync per training step instead of one per matched layer); the assignment runs there.
+        ``names`` (optional, one per call) locate a non-finite cost in the error message.
+        """
+        costs, sizes = [], []
+        for outputs, targets in calls:
+            pred_logits, pred_boxes = outputs["pred_logits"], outputs["pred_boxes"]
+            if len(targets) != pred_logits.shape[0]:
+                raise ValueError(f"HungarianMatcher: {len(targets)} target dicts for a batch of "
+                                 f"{pred_logits.shape[0]} predictions; pass one dict per image")
+            sizes.append([len(t["boxes"]) for t in targets])
+            if sum(sizes[-1]) == 0:
+                costs.append(None)
                 continue
-            rows, cols = linear_sum_assignment(image_cost[b].numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.int64),
-                            torch.as_tensor(cols, dtype=torch.int64)))
-        return {"indices": indices}
+            tgt_labels = torch.cat([t["labels"] for t in targets]).to(pred_logits.device)
+            tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(pred_boxes.device)
+            costs.append(self.cost_matrix(pred_logits, pred_boxes, tgt_labels, tgt_boxes))  # [B, Q, T]
+        present = [c for c in costs if c is not None]
+        host = torch.cat([c.reshape(-1) for c in present]).cpu().numpy() if present else np.zeros(0)  # the one sync
+        results, offset = [], 0
+        empty = torch.zeros(0, dtype=torch.int64)
+        for n, (cost, image_sizes) in enumerate(zip(costs, sizes)):
+            if cost is None:
+                results.append({"indices": [(empty, empty) for _ in image_sizes]})
+                continue
+            block = host[offset: offset + cost.numel()].reshape(cost.shape)
+            offset += cost.numel()
+            if not np.isfinite(block).all():
+                where = f" ({names[n]})" if n < len(names) else ""
+                raise FloatingPointError(f"HungarianMatcher: the matching cost{where} contains NaN/inf, so the "
+                                         "predictions (pred_logits / pred_boxes) are not finite; the model has "
+                                         "diverged (lower the learning rate or check the inputs)")
+            indices, start = [], 0
+            for b, size in enumerate(image_sizes):
+                if size == 0:
+                    indices.append((empty, empty))
+                    continue
+                rows, cols = linear_sum_assignment(block[b, :, start: start + size])
+                start += size
+                indices.append((torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(cols.astype(np.int64))))
+            results.append({"indices": indices})
+        return results

@@ -22,6 +22,13 @@ from torch import nn
 from src.nn.activation import get_activation
 
 _ACTIVATIONS = ("relu", "gelu", "silu")  # built with src.nn.activation.get_activation
+# how tokens reach their experts (same outputs within float rounding; dset.moe_dispatch):
+#   sorted: tokens grouped by expert, each expert runs on its own tokens (top_k / E of the dense work), but the
+#           group sizes are read on the host (one device sync per layer) and the shapes depend on the data;
+#   dense:  every expert runs on every token, the top-k weights select (E / top_k x the expert work, static
+#           shapes, no host read): what graph export needs, and what keeps a GPU step free of syncs;
+#   auto:   dense on CUDA, sorted elsewhere (on a CPU a host read costs nothing, FLOPs do).
+MOE_DISPATCHES = ("auto", "sorted", "dense")
 _EXPERT_PARAMS = (("w1", "linear1.weight"), ("b1", "linear1.bias"), ("w2", "linear2.weight"), ("b2", "linear2.bias"))
 
 
@@ -42,7 +49,7 @@ class MoEFFN(nn.Module):
     """Top-k routed mixture of ``num_experts`` FFN experts. ``forward(x [..., D]) -> y [..., D]``."""
 
     def __init__(self, d_model: int, dim_feedforward: int, num_experts: int = 4, top_k: int = 2,
-                 noise_std: float = 0.1, activation: str = "relu", dropout: float = 0.0):
+                 noise_std: float = 0.1, activation: str = "relu", dropout: float = 0.0, dispatch: str = "auto"):
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"MoEFFN: num_experts must be >= 1, got num_experts={num_experts}")
@@ -53,6 +60,8 @@ class MoEFFN(nn.Module):
             raise ValueError(f"MoEFFN: noise_std must be >= 0, got noise_std={noise_std}")
         if activation not in _ACTIVATIONS:
             raise ValueError(f"MoEFFN: activation={activation!r} is not one of {sorted(_ACTIVATIONS)}")
+        if dispatch not in MOE_DISPATCHES:
+            raise ValueError(f"MoEFFN: dispatch={dispatch!r} is not one of {list(MOE_DISPATCHES)}")
         self.d_model, self.dim_feedforward = d_model, dim_feedforward
         self.num_experts, self.top_k, self.noise_std = num_experts, top_k, noise_std
         self.activation_name = activation
@@ -66,9 +75,7 @@ class MoEFFN(nn.Module):
         self.b2 = nn.Parameter(torch.empty(num_experts, d_model))
         self.reset_parameters()
         self.last_aux: dict | None = None  # set by every forward
-        # True: every expert runs on every token and the top-k weights select (no host sync, no
-        # data-dependent shapes): what graph export needs (tools/export_onnx.py); E / top_k x the FFN work
-        self.dense_dispatch = False
+        self.dispatch = dispatch           # see MOE_DISPATCHES; deploy.set_moe_dispatch switches it for export
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -123,11 +130,9 @@ class MoEFFN(nn.Module):
             outputs.append(F.linear(h, self.w2[e], self.b2[e]))
         return torch.cat(outputs, 0)
 
-    def forward_dense_dispatch(self, flat: torch.Tensor) -> torch.Tensor:
-        """The same mixture as ``forward`` for flat tokens [T, D] -> [T, D], computed by running every
-        expert on every token and weighting with the top-k routing weights (zero for experts not chosen).
-        Traceable with fixed shapes (graph export); ``num_experts / top_k`` times the expert FLOPs."""
-        _, top_idx, top_weight = self.route(flat)
+    def _dense(self, flat: torch.Tensor, top_idx: torch.Tensor, top_weight: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token [T, D], weighted by the top-k routing weights (zero for experts not
+        chosen) -> [T, D]. Static shapes, no host read; ``num_experts / top_k`` times the expert FLOPs."""
         combine = torch.zeros(flat.shape[0], self.num_experts, dtype=top_weight.dtype, device=flat.device)
         combine = combine.scatter(1, top_idx, top_weight)                                  # [T, E]
         h = torch.einsum("td,efd->tef", flat, self.w1) + self.b1                           # [T, E, F]
@@ -135,16 +140,32 @@ class MoEFFN(nn.Module):
         y = torch.einsum("tef,edf->ted", h, self.w2) + self.b2                             # [T, E, D]
         return (combine.unsqueeze(-1).to(y.dtype) * y).sum(1)
 
+    def _sorted(self, flat: torch.Tensor, top_idx: torch.Tensor, top_weight: torch.Tensor) -> torch.Tensor:
+        """Tokens grouped by expert, each expert on its own group [T, D] -> [T, D]; reads the group sizes on
+        the host (one device sync)."""
+        num_tokens, k = flat.shape[0], self.top_k
+        expert_of_assignment = top_idx.reshape(-1)                                   # [T*K]
+        order = torch.argsort(expert_of_assignment, stable=True)                     # group by expert
+        counts = torch.bincount(expert_of_assignment, minlength=self.num_experts)    # [E]
+        token_of_assignment = order // k                                             # assignment a = t*K + j
+        y_sorted = self._experts(flat[token_of_assignment], counts.tolist())         # the host read
+        y_assign = torch.empty_like(y_sorted)
+        y_assign[order] = y_sorted                                                   # back to [T*K] order
+        return (top_weight.unsqueeze(-1).to(y_assign.dtype) * y_assign.view(num_tokens, k, -1)).sum(1)
+
+    def resolved_dispatch(self, device: torch.device) -> str:
+        """``sorted`` or ``dense``: what ``dispatch`` means for inputs on ``device``."""
+        if self.dispatch != "auto":
+            return self.dispatch
+        return "dense" if device.type == "cuda" else "sorted"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> y [..., D]; sets ``self.last_aux`` (balance_loss scalar with graph,
-        expert_fraction [E], router_prob [E])."""
+        expert_fraction [E], router_prob [E]; None under graph export)."""
         if x.shape[-1] != self.d_model:
             raise ValueError(f"MoEFFN: input last dim {x.shape[-1]} != d_model {self.d_model}")
         flat = x.reshape(-1, self.d_model)
-        if self.dense_dispatch:
-            self.last_aux = None  # no balance statistics on the export path
-            return self.forward_dense_dispatch(flat).view_as(x)
-        num_tokens, k, num_experts = flat.shape[0], self.top_k, self.num_experts
+        num_tokens, num_experts = flat.shape[0], self.num_experts
         if num_tokens == 0:
             zero = self.gate.weight.sum() * 0
             self.last_aux = {"balance_loss": zero, "expert_fraction": flat.new_zeros(num_experts),
@@ -152,16 +173,17 @@ class MoEFFN(nn.Module):
             return x.clone()
 
         probs, top_idx, top_weight = self.route(flat)
-        expert_of_assignment = top_idx.reshape(-1)                                   # [T*K]
-        order = torch.argsort(expert_of_assignment, stable=True)                     # group by expert
-        counts = torch.bincount(expert_of_assignment, minlength=num_experts)         # [E]
-        token_of_assignment = order // k                                             # assignment a = t*K + j
-        y_sorted = self._experts(flat[token_of_assignment], counts.tolist())         # one host sync per call
-        y_assign = torch.empty_like(y_sorted)
-        y_assign[order] = y_sorted                                                   # back to [T*K] order
-        out = (top_weight.unsqueeze(-1).to(y_assign.dtype) * y_assign.view(num_tokens, k, -1)).sum(1)
-
-        expert_fraction = counts.to(probs.dtype) / (num_tokens * k)
+        dispatch = self.resolved_dispatch(flat.device)
+        out = (self._dense if dispatch == "dense" else self._sorted)(flat, top_idx, top_weight)
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            self.last_aux = None  # no balance statistics in an exported graph
+            return out.view_as(x)
+        # assignments per expert by a scatter-add: static shape, on the device, no host read (one_hot and
+        # bincount check / size by the largest index, a read)
+        assigned = top_idx.reshape(-1)
+        counts = torch.zeros(num_experts, dtype=probs.dtype, device=flat.device).scatter_add_(
+            0, assigned, torch.ones_like(assigned, dtype=probs.dtype))                # [E]
+        expert_fraction = counts / (num_tokens * self.top_k)
         router_prob = probs.mean(0)
         self.last_aux = {"balance_loss": switch_balance_loss(expert_fraction, router_prob),
                          "expert_fraction": expert_fraction, "router_prob": router_prob}
@@ -169,7 +191,8 @@ class MoEFFN(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, dim_feedforward={self.dim_feedforward}, num_experts={self.num_experts}, "
-                f"top_k={self.top_k}, noise_std={self.noise_std}, activation={self.activation_name}")
+                f"top_k={self.top_k}, noise_std={self.noise_std}, activation={self.activation_name}, "
+                f"dispatch={self.dispatch}")
 
 
 def expand_dense_ffn_state(state_dict: dict, model_state_dict: dict):
@@ -245,7 +268,7 @@ def expert_layer_class(cls: type) -> type:
 
 
 def replace_ffn_with_moe(layer: nn.Module, num_experts: int, top_k: int, noise_std: float,
-                         activation: str) -> nn.Module:
+                         activation: str, dispatch: str = "auto") -> nn.Module:
     """Swap a transformer layer's dense FFN (``linear1``/``linear2``) for ``layer.moe = MoEFFN(...)``.
 
     The dense Linear modules are removed (so the state dict has ``moe.*`` instead of ``linear1/2.*``) and the
@@ -256,7 +279,7 @@ def replace_ffn_with_moe(layer: nn.Module, num_experts: int, top_k: int, noise_s
     d_model, dim_ff = layer.linear1.in_features, layer.linear1.out_features
     dropout = getattr(layer, "dropout3", None) or getattr(layer, "dropout", None)
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-    layer.moe = MoEFFN(d_model, dim_ff, num_experts, top_k, noise_std, activation, p)
+    layer.moe = MoEFFN(d_model, dim_ff, num_experts, top_k, noise_std, activation, p, dispatch)
     del layer.linear1
     del layer.linear2
     layer.__class__ = expert_layer_class(type(layer))  # its forward_ffn is now the MoE; the layer's own code

@@ -149,7 +149,7 @@ class PatchLevelPruner(nn.Module):
         if n_keep >= num_patches:
             idx = torch.arange(h * w, device=tokens.device).expand(batch, -1)
             info.update(keep_ratio=1.0, pruned=False, num_kept_patches=num_patches,
-                        num_kept_tokens=torch.tensor(float(h * w), device=tokens.device),
+                        num_kept_tokens=torch.full((), float(h * w), device=tokens.device),
                         kept_patch_idx=torch.arange(num_patches, device=tokens.device).expand(batch, -1),
                         kept_valid=torch.ones(batch, h * w, dtype=torch.bool, device=tokens.device))
             return tokens, idx, info

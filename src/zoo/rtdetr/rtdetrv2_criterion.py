@@ -18,6 +18,7 @@ from torchvision.ops import generalized_box_iou_loss
 
 from src.core.registry import register
 from src.misc.dist import all_reduce_sum, get_world_size
+from src.misc.transfer import to_device
 from src.zoo.rtdetr.box_ops import box_cxcywh_to_xyxy, elementwise_box_iou
 
 # loss name in ``losses`` -> keys of the terms it produces (each needs a weight in weight_dict)
@@ -84,21 +85,31 @@ def matched_box_quality(src_boxes: Tensor, tgt_boxes: Tensor, kind: str) -> Tens
     raise ValueError(f"unknown box quality {kind!r}; use 'iou' or 'giou'")
 
 
-def match_from_indices(indices: Sequence, num_targets: Sequence[int], device) -> Match:
-    """Flatten per-image matcher output into a Match.
+def matches_from_indices(per_call: Sequence[Sequence], num_targets: Sequence[int], device) -> List[Match]:
+    """Flatten the matcher's per-image output of several matched layers into one Match each, with one
+    host-to-device copy for all of them (non-blocking: no device sync).
 
-    indices: one (query_idx [k_b], target_idx [k_b]) int64 pair per image, target_idx local to
-    the image; num_targets: number of targets per image. Returns a Match on ``device``.
+    per_call: for each matched layer, one (query_idx [k_b], target_idx [k_b]) int64 pair per image on the host
+    (as HungarianMatcher returns them), target_idx local to the image; num_targets: number of targets per image.
+    Returns Matches on ``device``.
     """
-    counts = [len(src) for src, _ in indices]
-    total = sum(counts)
-    batch_idx = torch.repeat_interleave(torch.arange(len(indices)), torch.tensor(counts, dtype=torch.int64),
-                                        output_size=total)
-    query_idx = torch.cat([src.cpu() for src, _ in indices]).long()
-    local_idx = torch.cat([tgt.cpu() for _, tgt in indices]).long()
     offsets = torch.tensor([0] + list(num_targets[:-1]), dtype=torch.int64).cumsum(0)
-    flat = torch.stack([batch_idx, query_idx, local_idx + offsets[batch_idx]]).to(device, non_blocking=True)
-    return Match(*flat.unbind(0))
+    columns, lengths = [], []
+    for indices in per_call:
+        counts = [len(src) for src, _ in indices]
+        batch_idx = torch.repeat_interleave(torch.arange(len(indices)), torch.tensor(counts, dtype=torch.int64),
+                                            output_size=sum(counts))
+        query_idx = torch.cat([src.long() for src, _ in indices])
+        local_idx = torch.cat([tgt.long() for _, tgt in indices])
+        columns.append(torch.stack([batch_idx, query_idx, local_idx + offsets[batch_idx]]))
+        lengths.append(len(batch_idx))
+    flat = to_device(torch.cat(columns, 1) if columns else torch.zeros(3, 0, dtype=torch.int64), device)
+    return [Match(*part.unbind(0)) for part in flat.split(lengths, dim=1)]
+
+
+def match_from_indices(indices: Sequence, num_targets: Sequence[int], device) -> Match:
+    """``matches_from_indices`` of one matched layer."""
+    return matches_from_indices([indices], num_targets, device)[0]
 
 
 def match_from_denoising(dn_meta: Dict, num_targets: Sequence[int], device) -> Match:
@@ -116,14 +127,16 @@ def match_from_denoising(dn_meta: Dict, num_targets: Sequence[int], device) -> M
                          f"image, but {num_targets} targets x dn_num_group={num_group} needs {counts}; "
                          f"the denoising queries were built from different targets than the loss got")
     total = sum(counts)
-    counts_t = torch.tensor(counts, dtype=torch.int64, device=device)
-    sizes_t = torch.tensor(list(num_targets), dtype=torch.int64, device=device)
-    batch_idx = torch.repeat_interleave(torch.arange(len(counts), device=device), counts_t, output_size=total)
-    position = torch.arange(total, device=device) - (counts_t.cumsum(0) - counts_t)[batch_idx]
+    counts_t = torch.tensor(counts, dtype=torch.int64)            # built on the host, copied once (no sync)
+    sizes_t = torch.tensor(list(num_targets), dtype=torch.int64)
+    batch_idx = torch.repeat_interleave(torch.arange(len(counts)), counts_t, output_size=total)
+    position = torch.arange(total) - (counts_t.cumsum(0) - counts_t)[batch_idx]
     local_idx = position % sizes_t[batch_idx].clamp(min=1)  # group-major order: k -> k mod n_b
     target_idx = local_idx + (sizes_t.cumsum(0) - sizes_t)[batch_idx]
+    host = torch.stack([batch_idx, target_idx])
+    batch_t, target_t = to_device(host, device).unbind(0)  # host-built: no device sync
     query_idx = torch.cat([p.to(device) for p in positive_idx]).long()
-    return Match(batch_idx, query_idx, target_idx)
+    return Match(batch_t, query_idx, target_t)
 
 
 def check_num_classes(logits: Tensor, num_classes: int, where: str) -> None:
@@ -191,16 +204,23 @@ class RTDETRCriterionv2(nn.Module):
         self.share_matched_indices = share_matched_indices
 
     # ------------------------------------------------------------------ helpers
-    def _hungarian(self, layer_outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]],
-                   num_targets: Sequence[int], num_classes: int, where: str) -> Match:
-        check_num_classes(layer_outputs["pred_logits"], num_classes, where)
-        pred = {"pred_logits": layer_outputs["pred_logits"], "pred_boxes": layer_outputs["pred_boxes"]}
-        indices = self.matcher(pred, targets)["indices"]
-        return match_from_indices(indices, num_targets, layer_outputs["pred_logits"].device)
+    def _hungarian_many(self, calls: Sequence[tuple], num_targets: Sequence[int], device) -> List[Match]:
+        """Hungarian matches of several layers, calls: (layer_outputs, targets, num_classes, where) each. A matcher
+        with ``match_many`` (HungarianMatcher) transfers all costs to the host at once (one device sync)."""
+        preds = []
+        for layer_outputs, targets, num_classes, where in calls:
+            check_num_classes(layer_outputs["pred_logits"], num_classes, where)
+            preds.append(({"pred_logits": layer_outputs["pred_logits"], "pred_boxes": layer_outputs["pred_boxes"]},
+                          targets))
+        if hasattr(self.matcher, "match_many"):
+            results = self.matcher.match_many(preds, names=[f"outputs{c[3]}" for c in calls])
+        else:
+            results = [self.matcher(pred, targets) for pred, targets in preds]
+        return matches_from_indices([r["indices"] for r in results], num_targets, device)
 
     def _normaliser(self, num_targets: int, device) -> Tensor:
         """Mean number of target boxes per rank, clamped to >= 1; 0-dim float tensor."""
-        count = torch.tensor(float(num_targets), device=device)
+        count = torch.full((), float(num_targets), device=device)  # a fill, not a blocking host copy
         return (all_reduce_sum(count) / get_world_size()).clamp(min=1.0)
 
     def _layer_losses(self, layer_outputs: Dict[str, Tensor], match: Match, tgt_labels: Tensor,
@@ -243,40 +263,45 @@ class RTDETRCriterionv2(nn.Module):
             losses.update({k + suffix: v for k, v in terms.items()})
 
         losses: Dict[str, Tensor] = {}
-        match = self._hungarian(outputs, targets, num_targets, self.num_classes, "")
-        add(self._layer_losses(outputs, match, tgt_labels, tgt_boxes, num_boxes, self.num_classes, ""), "")
+        aux_outputs = outputs.get("aux_outputs") or []
+        enc_aux = outputs.get("enc_aux_outputs") or []
+        dn_aux = outputs.get("dn_aux_outputs") or []
+        if enc_aux and "enc_meta" not in outputs:
+            raise KeyError("RTDETRCriterionv2: outputs has 'enc_aux_outputs' but no 'enc_meta'; the decoder "
+                           "must return enc_meta={'class_agnostic': bool}")
+        if dn_aux and outputs.get("dn_meta") is None:
+            raise KeyError("RTDETRCriterionv2: outputs has 'dn_aux_outputs' but no 'dn_meta'; the decoder "
+                           "must return dn_meta with dn_positive_idx and dn_num_group")
+        class_agnostic = bool(enc_aux) and bool(outputs["enc_meta"]["class_agnostic"])
+        enc_targets, enc_labels, enc_classes = targets, tgt_labels, self.num_classes
+        if class_agnostic:
+            enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            enc_labels, enc_classes = torch.zeros_like(tgt_labels), 1
 
-        for i, aux in enumerate(outputs.get("aux_outputs") or []):
-            if not self.share_matched_indices:
-                match = self._hungarian(aux, targets, num_targets, self.num_classes, f"['aux_outputs'][{i}]")
-            add(self._layer_losses(aux, match, tgt_labels, tgt_boxes, num_boxes, self.num_classes,
+        # every Hungarian matching of the step at once: one host transfer of the costs, one copy of the indices
+        calls = [(outputs, targets, self.num_classes, "")]
+        if not self.share_matched_indices:
+            calls += [(aux, targets, self.num_classes, f"['aux_outputs'][{i}]") for i, aux in enumerate(aux_outputs)]
+        calls += [(enc, enc_targets, enc_classes, f"['enc_aux_outputs'][{i}]") for i, enc in enumerate(enc_aux)]
+        matches = self._hungarian_many(calls, num_targets, device)
+        match = matches[0]
+        aux_matches = matches[1:1 + len(aux_outputs)] if not self.share_matched_indices else [match] * len(aux_outputs)
+        enc_matches = matches[len(matches) - len(enc_aux):]
+
+        add(self._layer_losses(outputs, match, tgt_labels, tgt_boxes, num_boxes, self.num_classes, ""), "")
+        for i, (aux, aux_match) in enumerate(zip(aux_outputs, aux_matches)):
+            add(self._layer_losses(aux, aux_match, tgt_labels, tgt_boxes, num_boxes, self.num_classes,
                                    f"['aux_outputs'][{i}]"), f"_aux_{i}")
 
-        dn_aux = outputs.get("dn_aux_outputs") or []
         if dn_aux:
-            dn_meta = outputs.get("dn_meta")
-            if dn_meta is None:
-                raise KeyError("RTDETRCriterionv2: outputs has 'dn_aux_outputs' but no 'dn_meta'; the decoder "
-                               "must return dn_meta with dn_positive_idx and dn_num_group")
+            dn_meta = outputs["dn_meta"]
             dn_match = match_from_denoising(dn_meta, num_targets, device)
             dn_num_boxes = num_boxes * dn_meta["dn_num_group"]
             for i, dn in enumerate(dn_aux):
                 add(self._layer_losses(dn, dn_match, tgt_labels, tgt_boxes, dn_num_boxes, self.num_classes,
                                        f"['dn_aux_outputs'][{i}]"), f"_dn_{i}")
 
-        enc_aux = outputs.get("enc_aux_outputs") or []
-        if enc_aux:
-            if "enc_meta" not in outputs:
-                raise KeyError("RTDETRCriterionv2: outputs has 'enc_aux_outputs' but no 'enc_meta'; the decoder "
-                               "must return enc_meta={'class_agnostic': bool}")
-            class_agnostic = bool(outputs["enc_meta"]["class_agnostic"])
-            enc_targets, enc_labels, enc_classes = targets, tgt_labels, self.num_classes
-            if class_agnostic:
-                enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-                enc_labels, enc_classes = torch.zeros_like(tgt_labels), 1
-            for i, enc in enumerate(enc_aux):
-                where = f"['enc_aux_outputs'][{i}]"
-                enc_match = self._hungarian(enc, enc_targets, num_targets, enc_classes, where)
-                add(self._layer_losses(enc, enc_match, enc_labels, tgt_boxes, num_boxes, enc_classes, where),
-                    f"_enc_{i}")
+        for i, (enc, enc_match) in enumerate(zip(enc_aux, enc_matches)):
+            where = f"['enc_aux_outputs'][{i}]"
+            add(self._layer_losses(enc, enc_match, enc_labels, tgt_boxes, num_boxes, enc_classes, where), f"_enc_{i}")
         return losses

@@ -24,6 +24,7 @@ from torch.nn import init
 
 from src.core.registry import register
 from src.nn.activation import get_activation
+from src.misc.transfer import tensor_on
 from src.nn.mlp import MLP
 from src.zoo.rtdetr.box_ops import inverse_sigmoid
 from src.zoo.rtdetr.deformable_attention import CROSS_ATTN_METHODS, MSDeformableAttention
@@ -56,7 +57,7 @@ def generate_anchors(spatial_shapes: Sequence[Tuple[int, int]], eps: float = 1e-
     for level, (h, w) in enumerate(spatial_shapes):
         grid_y, grid_x = torch.meshgrid(torch.arange(h, dtype=dtype, device=device),
                                         torch.arange(w, dtype=dtype, device=device), indexing="ij")
-        centre = (torch.stack([grid_x, grid_y], -1) + 0.5) / torch.tensor([w, h], dtype=dtype, device=device)
+        centre = (torch.stack([grid_x, grid_y], -1) + 0.5) / tensor_on([w, h], device, dtype)
         side = torch.full_like(centre, grid_size * (2.0 ** level))
         anchors.append(torch.cat([centre, side], -1).reshape(1, h * w, 4))
     anchors = torch.cat(anchors, 1)

@@ -1,0 +1,26 @@
+"""Host-to-device copies that do not make the host wait for the device.
+
+``torch.tensor(values, device="cuda")`` copies from pageable host memory with a blocking copy: the host waits
+until the device has finished everything queued before it (a device sync, reported by
+``torch.cuda.set_sync_debug_mode``). Tensors built on the host from Python values (counts, sizes, index
+arrays from scipy) go to the device with ``to_device``: pinned and non-blocking on CUDA, a no-op elsewhere.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """``host`` (a CPU tensor the caller does not change afterwards) on ``device`` (None: the CPU) without a
+    device sync."""
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        host = host.pin_memory()  # a copy from pinned memory is truly asynchronous
+    return host.to(device, non_blocking=True)
+
+
+def tensor_on(values, device, dtype=None) -> torch.Tensor:
+    """``torch.tensor(values, dtype=dtype, device=device)`` without the blocking copy (see ``to_device``)."""
+    return to_device(torch.tensor(values, dtype=dtype), device)
