@@ -44,8 +44,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import yaml
-
+from src.core.run_config import run_config as build_run_config
+from src.core.run_config import write_run_config
+from src.data.synthetic_roadside import ensure_dataset, loader_config
 from src.misc.dist import free_port, rank_placement
 from src.misc.run_summary import read_log, read_scalars
 
@@ -129,47 +130,31 @@ def backend_of(plan: Plan, run: Run) -> Optional[str]:
 
 
 # ------------------------------------------------------------------------------------------- data and configs
-def make_data(root: Path, width: int, height: int, num_train: int, num_val: int) -> Path:
-    """The synthetic roadside set in ``root``, rendered unless a complete one is there."""
-    from src.data.synthetic_roadside import generate_dataset
-
-    if not (root / "annotations" / "instances_val.json").exists():  # written last
-        generate_dataset(str(root), num_train=num_train, num_val=num_val, width=width, height=height, seed=0,
-                         min_objects=6, max_objects=20, image_format="jpg", workers=max(1, (os.cpu_count() or 2) // 2))
-    return root
-
-
 def data_dir(out: Path, plan: Plan, data: str) -> Path:
+    """The synthetic roadside set of a data name, rendered (once per size and count) under ``out/data``."""
     h, w = plan.sizes[data]
-    return out / "data" / f"synth_{w}x{h}_{plan.num_train(data)}_{plan.num_val}"
+    root = out / "data" / f"synth_{w}x{h}_{plan.num_train(data)}_{plan.num_val}"
+    ensure_dataset(str(root), num_train=plan.num_train(data), num_val=plan.num_val, width=w, height=h, seed=0,
+                   min_objects=6, max_objects=20, image_format="jpg", workers=max(1, (os.cpu_count() or 2) // 2),
+                   log=print)
+    return root
 
 
 def run_config(plan: Plan, run: Run, data: Path, run_dir: Path) -> dict:
     """The run's config: ``configs/<base>`` with the synthetic set, the plan's size, batch and steps, DSET
     pruning at keep 0.3 without warmup (training and evaluation), no pictures, logging only at the plan's
     print_freq, and the run's AMP dtype."""
-    hw = list(plan.sizes[run.data])
-
-    def loader(split: str, ops: list) -> dict:
-        return {"total_batch_size": plan.batch[run.data], "num_workers": 0 if plan.dry_run else 4,
-                "dataset": {"img_folder": str(data / "images" / split),
-                            "ann_file": str(data / "annotations" / f"instances_{split}.json"),
-                            "header_cache": False, "transforms": {"ops": ops, "policy": None}}}
-
-    resize = [{"type": "Resize", "size": hw}, {"type": "ConvertPILImage"}]
+    batch, workers = plan.batch[run.data], 0 if plan.dry_run else 4
     dset = {"keep_ratio": KEEP_RATIO, "token_pruning_warmup_epochs": 0, "prune_in_eval": True, "vis_interval": 0}
     if plan.dry_run:
         dset["min_patches"] = 1  # the tiny P5 map has fewer patches than the configs' min_patches
-    cfg = {"__include__": [str(REPO / "configs" / run.base)], "num_classes": 5,
-           "epochs": 2 if run.resume_of else 1, "print_freq": plan.print_freq, "max_iters_per_epoch": plan.steps,
-           "checkpoint_freq": 0, "input_size": hw, "output_dir": str(run_dir), "use_amp": run.amp_dtype is not None}
-    if run.amp_dtype:
-        cfg["amp_dtype"] = run.amp_dtype
-    cfg.update({"dset": dset,
-                "train_dataloader": loader("train", [{"type": "RandomPhotometricDistort", "p": 0.5},
-                                                     {"type": "RandomHorizontalFlip"}] + resize),
-                "val_dataloader": loader("val", resize)})
-    return cfg
+    return build_run_config(run.base, {
+        "num_classes": 5, "epochs": 2 if run.resume_of else 1, "print_freq": plan.print_freq,
+        "max_iters_per_epoch": plan.steps, "checkpoint_freq": 0, "input_size": list(plan.sizes[run.data]),
+        "output_dir": str(run_dir), "use_amp": run.amp_dtype is not None,
+        **({"amp_dtype": run.amp_dtype} if run.amp_dtype else {}), "dset": dset,
+        "train_dataloader": loader_config(data, "train", batch, workers),
+        "val_dataloader": loader_config(data, "val", batch, workers)})
 
 
 def fresh_run_dir(run_dir: Path) -> Path:
@@ -180,12 +165,6 @@ def fresh_run_dir(run_dir: Path) -> Path:
         raise RuntimeError(f"gpu_check: cannot delete the old run folder {run_dir}; remove it by hand or use "
                            f"another --out")
     return run_dir
-
-
-def write_config(cfg: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
 
 
 # ------------------------------------------------------------------------------------------- subprocesses
@@ -408,11 +387,8 @@ def check(plan: Plan, out: Path) -> List[dict]:
     rows.append({"check": "pytest -m cuda tests/test_cuda.py", "ok": ok, "seconds": secs,
                  "problems": [] if ok else [f"exit status {rc} (pytest_cuda.log)"]})
 
-    configs = {}
-    for r in plan.runs:
-        data = make_data(data_dir(out, plan, r.data), plan.sizes[r.data][1], plan.sizes[r.data][0],
-                         plan.num_train(r.data), plan.num_val)
-        configs[r.key] = write_config(run_config(plan, r, data, out / "runs" / r.key), out / "runs" / f"{r.key}.yaml")
+    configs = {r.key: write_run_config(run_config(plan, r, data_dir(out, plan, r.data), out / "runs" / r.key),
+                                      out / "runs" / f"{r.key}.yaml") for r in plan.runs}
 
     probed = [r for r in plan.runs if r.ranks == 1]
     probe_json = out / "autocast_probe.json"

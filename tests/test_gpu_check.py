@@ -17,20 +17,21 @@ import yaml
 
 from bench import gpu_check
 from src.core import YAMLConfig
+from src.core.run_config import write_run_config
 from src.misc.dist import rank_placement
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    return gpu_check.make_data(tmp_path_factory.mktemp("data"), 160, 96, 2, 2)
+    return gpu_check.data_dir(tmp_path_factory.mktemp("out"), gpu_check.make_plan(True), "small")
 
 
 @pytest.mark.parametrize("dry_run", [True, False])
 def test_generated_configs_validate_and_prune_at_keep_0_3_from_the_first_step(tmp_path, tiny_data, dry_run):
     plan = gpu_check.make_plan(dry_run)
     for run in plan.runs:
-        path = gpu_check.write_config(gpu_check.run_config(plan, run, tiny_data, tmp_path / run.key),
-                                      tmp_path / f"{run.key}.yaml")
+        path = write_run_config(gpu_check.run_config(plan, run, tiny_data, tmp_path / run.key),
+                                tmp_path / f"{run.key}.yaml")
         cfg = YAMLConfig(str(path))
         pruner = cfg.dset.pruner
         assert (pruner.keep_ratio, pruner.token_pruning_warmup_epochs, pruner.prune_in_eval) == (0.3, 0, True)
