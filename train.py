@@ -4,7 +4,7 @@
     python train.py -c CONFIG -r output/run/last.pth          # resume the full training state
     python train.py -c CONFIG -t rtdetrv2_r18vd_120e_coco_rerun_48.1.pth   # tune from weights
     python train.py -c CONFIG -r output/run/best.pth --test-only
-    torchrun --nproc_per_node 2 train.py -c CONFIG           # DDP (nccl on CUDA, gloo on CPU)
+    torchrun --nproc_per_node 2 train.py -c CONFIG           # DDP (nccl on CUDA, gloo on CPU or when ranks share a GPU)
 
 Exit status: 0 done; 2 config, data or checkpoint error (the message names the key or file and the fix);
 3 stopped on a non-finite loss (the last good checkpoint is kept); 130 interrupted (Ctrl-C; one line says

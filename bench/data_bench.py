@@ -76,11 +76,11 @@ def resolve_dataset(path, tmp_root: str) -> str:
         return path
     if os.path.isfile(os.path.join(DEFAULT_DATASET, "annotations", "instances_train.json")):
         return DEFAULT_DATASET
-    from src.data.synthetic_roadside import generate_dataset
+    from src.data.synthetic_roadside import ensure_dataset
 
     out = os.path.join(tmp_root, "roadside_synth")
-    print(f"{DEFAULT_DATASET} not found: generating 24 + 4 synthetic images into {out}")
-    generate_dataset(out, num_train=24, num_val=4, seed=0)
+    ensure_dataset(out, num_train=24, num_val=4, seed=0, log=lambda message: print(f"{DEFAULT_DATASET} not found: "
+                                                                                   f"{message}"))
     return out
 
 

@@ -42,9 +42,10 @@ from typing import Callable, Dict, List, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from src.core.run_config import config_path, merge_overrides
 from src.zoo.rtdetr.deploy import DeployModel, load_detector, set_moe_dispatch
 
-BASE_CONFIG = "configs/dset4_r18_ratio0.3.yaml"
+BASE_CONFIG = "dset4_r18_ratio0.3.yaml"   # under configs/
 KEEP_RATIOS = (1.0, 0.7, 0.5, 0.3)
 ALL_VARIANTS = ["plain_p5", "plain_p4p5"] + [f"dset_k{r}_{m}" for m in ("moe", "dense") for r in KEEP_RATIOS]
 QUICK_VARIANTS = ["plain_p5", "plain_p4p5", "dset_k1.0_moe", "dset_k0.3_moe"]
@@ -56,26 +57,26 @@ ROW_ID = ("model", "device", "dtype", "input", "batch")  # one measurement; --ap
 
 
 # ---------------------------------------------------------------- models
-def variant_overrides(name: str, hw: Sequence[int]) -> List[str]:
-    """-u overrides of BASE_CONFIG for a variant at input (h, w)."""
-    common = [f"input_size=[{hw[0]}, {hw[1]}]"]
-    if name == "plain_p5":
-        return common + ["dset.enabled=false", "HybridEncoder.use_encoder_idx=[2]"]
-    if name == "plain_p4p5":
-        return common + ["dset.enabled=false", "HybridEncoder.use_encoder_idx=[1, 2]"]
+def variant_overrides(name: str, hw: Sequence[int]) -> dict:
+    """Overrides of BASE_CONFIG (a nested dict, src/core/run_config.py) for a variant at input (h, w)."""
+    common = {"input_size": [hw[0], hw[1]]}
+    if name in ("plain_p5", "plain_p4p5"):
+        levels = [2] if name == "plain_p5" else [1, 2]
+        return {**common, "dset": {"enabled": False}, "HybridEncoder": {"use_encoder_idx": levels}}
     m = re.fullmatch(r"dset_k([0-9.]+)_(moe|dense)", name)
     if not m:
         raise ValueError(f"unknown variant {name!r}; known: {', '.join(ALL_VARIANTS)}")
-    out = common + [f"dset.keep_ratio={float(m.group(1))}"]
+    dset = {"keep_ratio": float(m.group(1))}
     if m.group(2) == "dense":
-        out += ["dset.num_experts=0", "dset.encoder_moe_num_experts=0"]
-    return out
+        dset.update(num_experts=0, encoder_moe_num_experts=0)
+    return {**common, "dset": dset}
 
 
 def build(name: str, hw, device: str, extra: Sequence[str] = ()) -> DeployModel:
+    """A variant with random weights (seed 0); ``extra``: -u overrides on top of the variant's."""
     torch.manual_seed(0)
-    _, model, post = load_detector(BASE_CONFIG, variant_overrides(name, hw) + list(extra), random_weights=True,
-                                   device=device)
+    _, model, post = load_detector(str(config_path(BASE_CONFIG)), merge_overrides(variant_overrides(name, hw), extra),
+                                   random_weights=True, device=device)
     return DeployModel(model, post).eval()
 
 

@@ -23,6 +23,7 @@ import yaml
 
 from src.data.synthetic_roadside import generate_dataset
 from src.misc.dist import free_port  # noqa: F401  (re-exported for the DDP tests)
+from src.misc.run_summary import read_scalars  # noqa: F401  (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "train.py"
@@ -164,15 +165,6 @@ def final_tensors(ckpt_path: Path) -> Dict[str, torch.Tensor]:
     if ckpt.get("ema") is not None:
         out.update({f"ema.{k}": v for k, v in ckpt["ema"]["module"].items()})
     return out
-
-
-def read_scalars(tb_dir: Path) -> Dict[str, List[tuple]]:
-    """TensorBoard scalars under ``tb_dir``: tag -> [(step, value), ...] in step order."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 @pytest.fixture(autouse=True)

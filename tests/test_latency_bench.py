@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
@@ -28,9 +29,12 @@ def test_flops_of_an_attention_layer_match_the_formula_with_and_without_padding_
 
 
 def test_variant_overrides_name_the_model_changes():
-    assert "HybridEncoder.use_encoder_idx=[2]" in lb.variant_overrides("plain_p5", (640, 640))
-    dense = lb.variant_overrides("dset_k0.3_dense", (736, 1280))
-    assert "dset.keep_ratio=0.3" in dense and "dset.num_experts=0" in dense and "input_size=[736, 1280]" in dense
+    assert lb.variant_overrides("plain_p5", (640, 640)) == {
+        "input_size": [640, 640], "dset": {"enabled": False}, "HybridEncoder": {"use_encoder_idx": [2]}}
+    assert lb.variant_overrides("dset_k0.3_dense", (736, 1280)) == {
+        "input_size": [736, 1280], "dset": {"keep_ratio": 0.3, "num_experts": 0, "encoder_moe_num_experts": 0}}
+    with pytest.raises(ValueError, match="unknown variant 'dset_kx'"):
+        lb.variant_overrides("dset_kx", (32, 32))
 
 
 def test_quick_bench_writes_rows_with_the_documented_schema(tmp_path):

@@ -48,12 +48,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:   # `python tools/bias_experiment.py` from anywhere
     sys.path.insert(0, str(REPO))
 
+from src.core.run_config import run_config as build_run_config  # noqa: E402  (the tools' one config builder)
+from src.core.run_config import write_run_config  # noqa: E402
+from src.data.synthetic_roadside import ensure_dataset, loader_config  # noqa: E402
 from src.zoo.rtdetr.cass_targets import NORMALIZATIONS  # noqa: E402  (the one mode list)
 
 PROTOCOL_VERSION = 2     # 1: docs/results/v1 (one evaluation after 40 steps, shared stage 1, no controls)
@@ -190,28 +191,10 @@ def git_commit() -> str:
 # ------------------------------------------------------------------------------------------------ data
 def ensure_data(profile: Profile, data_dir: Path, log=print) -> Path:
     """Generate the profile's roadside set (seed 0, shared by all seeds) unless it is there."""
-    if (data_dir / 'annotations' / 'instances_val.json').is_file():
-        return data_dir
-    from src.data.synthetic_roadside import compute_split_statistics, format_statistics, generate_dataset
-
     w, h = profile.image_wh
-    log(f'[bias] generating {profile.num_train} train / {profile.num_val} val images ({w}x{h}) in {data_dir}')
-    splits = generate_dataset(str(data_dir), num_train=profile.num_train, num_val=profile.num_val, width=w,
-                              height=h, seed=0, workers=os.cpu_count() or 1)
-    for split, coco in splits.items():
-        log(format_statistics(split, compute_split_statistics(coco)))
+    ensure_dataset(str(data_dir), num_train=profile.num_train, num_val=profile.num_val, width=w, height=h, seed=0,
+                   workers=os.cpu_count() or 1, log=lambda message: log(f'[bias] {message}'), statistics=True)
     return data_dir
-
-
-def _loader(data_dir: Path, split: str, batch: int, workers: int) -> dict:
-    ops = [{'type': 'Resize'}, {'type': 'ConvertPILImage'}]  # size: the config's input_size
-    if split == 'train':
-        ops = [{'type': 'RandomPhotometricDistort', 'p': 0.5}, {'type': 'RandomHorizontalFlip'}] + ops
-    return {'total_batch_size': batch, 'num_workers': workers,
-            'dataset': {'img_folder': str(data_dir / 'images' / split),
-                        'ann_file': str(data_dir / 'annotations' / f'instances_{split}.json'),
-                        'transforms': {'type': 'Compose', 'policy': None, 'ops': ops}},
-            'collate_fn': {'type': 'BatchImageCollateFunction', 'scales': None, 'stop_epoch': None}}
 
 
 def run_config(profile: Profile, data_dir: Path, out_dir: Path, cell: Optional[Cell], epochs: int = 0,
@@ -221,8 +204,7 @@ def run_config(profile: Profile, data_dir: Path, out_dir: Path, cell: Optional[C
     hw = [profile.image_wh[1], profile.image_wh[0]]
     stage2 = cell is not None
     dset = stage2 and cell.dset
-    cfg = {
-        '__include__': [str(REPO / 'configs' / ('dset4_r18_synth_cpu.yaml' if dset else 'rtdetrv2_r18vd_coco.yaml'))],
+    settings = {
         'num_classes': 5,
         'output_dir': str(out_dir),
         'epochs': epochs or (profile.stage2_epochs if stage2 else profile.stage1_epochs),
@@ -240,17 +222,17 @@ def run_config(profile: Profile, data_dir: Path, out_dir: Path, cell: Optional[C
              'lr': profile.lr, 'weight_decay': 0.0},
             {'name': 'norm_bias', 'params': '^(?!.*backbone)(?=.*(?:norm|bn|bias|moe\\.b[12]$)).*$',
              'weight_decay': 0.0}]},
-        'train_dataloader': _loader(data_dir, 'train', profile.batch, profile.loader_workers),
-        'val_dataloader': _loader(data_dir, 'val', max(profile.batch, 8), profile.loader_workers),
+        'train_dataloader': loader_config(data_dir, 'train', profile.batch, profile.loader_workers),
+        'val_dataloader': loader_config(data_dir, 'val', max(profile.batch, 8), profile.loader_workers),
     }
-    for key, value in profile.model_overrides.items():
-        cfg[key] = {**cfg.get(key, {}), **value}
+    section = {}
     if dset:
         norm = list(cell.normalization) if isinstance(cell.normalization, tuple) else cell.normalization
-        cfg['dset'] = {'keep_ratio': 0.3, 'token_pruning_warmup_epochs': profile.pruning_warmup_epochs,
-                       'cass_normalization': norm, 'cass_expansion_ratio': cell.ratio,
-                       'cass_loss_weight': float(cell.weight if weight is None else weight), 'vis_interval': 0}
-    return cfg
+        section = {'dset': {'keep_ratio': 0.3, 'token_pruning_warmup_epochs': profile.pruning_warmup_epochs,
+                            'cass_normalization': norm, 'cass_expansion_ratio': cell.ratio,
+                            'cass_loss_weight': float(cell.weight if weight is None else weight), 'vis_interval': 0}}
+    base = 'dset4_r18_synth_cpu.yaml' if dset else 'rtdetrv2_r18vd_coco.yaml'
+    return build_run_config(base, settings, profile.model_overrides, section)
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -264,7 +246,7 @@ def train_once(cfg: dict, run_dir: Path, seed: int, device: str, amp: bool, thre
         log(f'[bias] {run_dir.name}: done, skipped')
         return json.loads(done.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / 'config.yaml').write_text(yaml.safe_dump(cfg, sort_keys=False))
+    write_run_config(cfg, run_dir / 'config.yaml')
     cmd = [sys.executable, str(REPO / 'train.py'), '-c', str(run_dir / 'config.yaml'), '--seed', str(seed),
            '--device', device]
     if test_only:
@@ -382,7 +364,7 @@ def measure_strength(profile: Profile, data_dir: Path, stage1_ckpt: Path, seed: 
     settings = {}
     for cell in needed:
         path = cfg_dir / f'{cell.name}.yaml'
-        path.write_text(yaml.safe_dump(run_config(profile, data_dir, cfg_dir, cell, weight=1.0), sort_keys=False))
+        write_run_config(run_config(profile, data_dir, cfg_dir, cell, weight=1.0), path)
         settings[cell] = YAMLConfig(str(path)).dset
     seed_everything(seed)
     first = YAMLConfig(str(cfg_dir / f'{needed[0].name}.yaml'))

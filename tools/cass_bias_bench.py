@@ -37,15 +37,17 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from src.core.run_config import load_run_config
 from src.data.coco_dataset import CocoDetection
 from src.data.collate import BatchImageCollateFunction
+from src.data.synthetic_roadside import ensure_dataset
 from src.data.transforms import Compose, ConvertPILImage, Resize
 from src.nn.backbone.presnet import PResNet
 from src.zoo.rtdetr import cass
 from src.zoo.rtdetr import dset_losses as dl
 from src.zoo.rtdetr.patch_level_pruning import PatchLevelPruner
 
-DETECTOR_CONFIG = "configs/dset4_r18_synth_cpu.yaml"
+DETECTOR_CONFIG = "dset4_r18_synth_cpu.yaml"   # under configs/
 PRUNED_STAGES = (2, 3)        # PResNet stages whose outputs are P4 (stride 16) and P5 (stride 32)
 HIDDEN_DIM = 256              # the encoder's hidden_dim: input_proj output and pruner token dim
 BIAS_GROUPS = cass.SIZE_BUCKETS + cass.REGIONS
@@ -108,16 +110,6 @@ class BenchSettings:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def ensure_dataset(data_dir: str, log: Callable[[str], None] = print) -> None:
-    """Generate the synthetic roadside set (48 train / 16 val, seed 0, as `make data`) if it is absent."""
-    if os.path.isfile(os.path.join(data_dir, "annotations", "instances_train.json")):
-        return
-    from src.data.synthetic_roadside import generate_dataset
-
-    log(f"[bench] {data_dir} has no annotations/instances_train.json: generating the synthetic roadside set")
-    generate_dataset(data_dir, num_train=48, num_val=16, seed=0)
-
-
 def load_split(data_dir: str, split: str, input_size: Sequence[int]) -> List[tuple]:
     """The split's (image float [3, H, W], target) samples after Resize(input_size), decoded once."""
     dataset = CocoDetection(img_folder=os.path.join(data_dir, "images", split),
@@ -183,8 +175,6 @@ class DetectorBenchModel(nn.Module):
 
     def __init__(self, settings: BenchSettings, mode: BenchMode):
         super().__init__()
-        from src.core.config import YAMLConfig
-
         overrides = {
             "input_size": list(settings.input_size),
             "PResNet": {"pretrained": settings.pretrained or False},
@@ -193,7 +183,7 @@ class DetectorBenchModel(nn.Module):
                      "cass_normalization": mode.normalization, "cass_expansion_ratio": mode.expansion_ratio,
                      "cass_loss_weight": mode.loss_weight, "cass_warmup_epochs": 0, "vis_interval": 0},
         }
-        self.config = YAMLConfig(DETECTOR_CONFIG, overrides=overrides)
+        self.config = load_run_config(DETECTOR_CONFIG, overrides)
         self.detector = self.config.model
         self.criterion = self.config.criterion
 
@@ -301,7 +291,8 @@ def run_bench(settings: BenchSettings, modes: Sequence[str], seeds: Sequence[int
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise ValueError(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
-    ensure_dataset(settings.data, log)
+    # the synthetic roadside set as `make data` renders it (48 train / 16 val, 640x360, seed 0) if it is absent
+    ensure_dataset(settings.data, num_train=48, num_val=16, seed=0, log=lambda message: log(f"[bench] {message}"))
     train_samples = load_split(settings.data, "train", settings.input_size)
     val_samples = load_split(settings.data, "val", settings.input_size)
     runs = []
@@ -409,7 +400,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--no-untrained", action="store_true", help="leave out the untrained-model row")
     p.add_argument("--detection-loss", action="store_true",
-                   help=f"train the full detector of {DETECTOR_CONFIG} (detection + weighted CASS loss); slow")
+                   help=f"train the full detector of configs/{DETECTOR_CONFIG} (detection + weighted CASS loss); slow")
     p.add_argument("--pretrained", default=None, help="local PResNet-18-vd state-dict file for the backbone")
     p.add_argument("--out", default=None, help="write the machine-readable results (JSON) here")
     args = p.parse_args(argv)

@@ -21,7 +21,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -551,6 +551,40 @@ def generate_dataset(out_dir: str, num_train: int = 48, num_val: int = 16, width
             json.dump(coco, f)
         result[split] = coco
     return result
+
+
+def ensure_dataset(out_dir: str, num_train: int = 48, num_val: int = 16, width: int = 640, height: int = 360,
+                   seed: int = 0, log: Optional[Callable[[str], None]] = None, statistics: bool = False,
+                   **render) -> Optional[Dict[str, dict]]:
+    """``generate_dataset`` into ``out_dir`` unless it holds a complete set (its val json, written last, exists).
+
+    ``render``: generate_dataset's other arguments (min_objects, image_format, workers, ...). ``log`` is told
+    what is generated and, with ``statistics``, each split's statistics. Returns the generated splits (COCO
+    dicts), or None when the set was there (whatever its size: the caller names a folder per size).
+    """
+    if os.path.isfile(os.path.join(out_dir, "annotations", "instances_val.json")):
+        return None
+    if log:
+        log(f"generating {num_train} train / {num_val} val images ({width}x{height}) in {out_dir}")
+    splits = generate_dataset(str(out_dir), num_train=num_train, num_val=num_val, width=width, height=height,
+                              seed=seed, **render)
+    for split, coco in splits.items() if log and statistics else ():
+        log(format_statistics(split, compute_split_statistics(coco)))
+    return splits
+
+
+def loader_config(root, split: str, batch: int, workers: int) -> dict:
+    """The ``train_dataloader`` / ``val_dataloader`` section for ``split`` of a set in ``root`` (the layout
+    ``generate_dataset`` writes): Resize to the config's ``input_size``; training adds the photometric
+    distortion and the horizontal flip; no augmentation policy, no multi-scale."""
+    ops = [{"type": "Resize"}, {"type": "ConvertPILImage"}]  # size: the config's input_size
+    if split == "train":
+        ops = [{"type": "RandomPhotometricDistort", "p": 0.5}, {"type": "RandomHorizontalFlip"}] + ops
+    return {"total_batch_size": batch, "num_workers": workers,
+            "dataset": {"img_folder": os.path.join(str(root), "images", split),
+                        "ann_file": os.path.join(str(root), "annotations", f"instances_{split}.json"),
+                        "transforms": {"type": "Compose", "policy": None, "ops": ops}},
+            "collate_fn": {"type": "BatchImageCollateFunction", "scales": None, "stop_epoch": None}}
 
 
 # --------------------------------------------------------------------------- statistics

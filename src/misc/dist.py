@@ -1,7 +1,7 @@
 """Distributed helpers: the one place that talks to torch.distributed."""
 import os
 import socket
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as tdist
@@ -41,23 +41,44 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def init_distributed(device: str | None = None) -> bool:
-    """Initialise the process group when launched by torchrun (RANK/WORLD_SIZE set).
+def rank_placement(local_rank: int, local_world_size: int, num_gpus: int) -> Tuple[str, str]:
+    """``(device, backend)`` of one torchrun rank; ``num_gpus`` 0 means CPU ranks.
 
-    Uses nccl on CUDA and gloo on CPU. Returns True when running distributed. Without torchrun, a
-    ``cuda:N`` device becomes the current CUDA device (so kernels and allocations that name no device
-    land on N, not on GPU 0).
+    CPU: gloo. A GPU per local rank: nccl, rank r on ``cuda:r``. More local ranks than GPUs (e.g. 2 ranks on a
+    1-GPU machine, as bench/gpu_check.py runs them): NCCL refuses two ranks on one GPU, so gloo (its all-reduce
+    goes through host memory: a check of the DDP code, not a fast way to train), rank r on ``cuda:(r % num_gpus)``.
+    """
+    if num_gpus <= 0:
+        return "cpu", "gloo"
+    if local_world_size <= num_gpus:
+        return f"cuda:{local_rank}", "nccl"
+    return f"cuda:{local_rank % num_gpus}", "gloo"
+
+
+def init_distributed(device: str | None = None) -> Optional[str]:
+    """Initialise the process group when launched by torchrun (RANK/WORLD_SIZE set) and return this rank's
+    device (``rank_placement``: nccl with a GPU per rank, gloo on CPU or when ranks share a GPU); None when not
+    distributed. Without torchrun, a ``cuda:N`` device becomes the current CUDA device (so kernels and
+    allocations that name no device land on N, not on GPU 0).
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         if device is not None and str(device).startswith("cuda:"):
             torch.cuda.set_device(torch.device(device))
-        return False
-    use_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
-    backend = "nccl" if use_cuda else "gloo"
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        return None
+    use_cuda = str(device).startswith("cuda") or (device is None and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} under torchrun, but no CUDA device is visible here; run with "
+                           f"--device cpu, or on a machine with a GPU")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    rank_device, backend = rank_placement(local_rank, local_world, torch.cuda.device_count() if use_cuda else 0)
+    if rank_device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(rank_device))
+        if backend == "gloo" and local_rank == 0:
+            print(f"[ddp] {local_world} ranks share {torch.cuda.device_count()} GPU(s): backend gloo (NCCL needs a "
+                  f"GPU per rank)", flush=True)
     tdist.init_process_group(backend=backend)
-    return True
+    return rank_device
 
 
 def barrier():

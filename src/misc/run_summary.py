@@ -3,6 +3,7 @@
 A run directory written by `src.solver.trainer.Trainer` holds
 - ``log.jsonl``: one JSON object per epoch, ``{epoch, step, train: {loss_cass, loss_total, ...},
   eval: {AP, ..., dset_bias: {...}}}`` (``eval`` only on evaluated epochs; NaN written as null);
+- ``tb/``: the TensorBoard scalars (``read_scalars``);
 - ``eval/<epoch>.json``: the full evaluation of that epoch (``eval/test.json`` for ``--test-only``), with
   ``AP``, ``AP_small`` ... and, for DSET models, ``dset_bias`` (keep-recall, centroid shift).
 
@@ -69,6 +70,18 @@ def read_log(run_dir: str) -> List[dict]:
                 raise RunDirError(f"run directory {run_dir!r}: {path} line {number} is not a JSON object")
             records.append(record)
     return records
+
+
+def read_scalars(tb_dir: str) -> Dict[str, List[tuple]]:
+    """TensorBoard scalars of every event file under ``tb_dir``: tag -> [(step, value), ...] in step order
+    ({} when the folder holds none)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not os.path.isdir(tb_dir):
+        return {}
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def eval_files(run_dir: str) -> List[str]:

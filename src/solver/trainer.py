@@ -62,10 +62,9 @@ class Trainer:
                  seed: int | None = None, use_amp: bool | None = None, resume: str | None = None,
                  tuning: str | None = None, trusted_checkpoint: bool = False, test_only: bool = False):
         self.cfg = cfg
-        self.distributed = dist.init_distributed(device)
-        if self.distributed and str(device).startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        self.device = torch.device(device)
+        rank_device = dist.init_distributed(device)  # under torchrun: this rank's device (dist.rank_placement)
+        self.distributed = rank_device is not None
+        self.device = torch.device(rank_device or device)
         self.output_dir = output_dir or cfg.get("output_dir", "./output/run")
         self.seed = cfg.get("seed", 0) if seed is None else seed
         self.use_amp = bool(cfg.get("use_amp", False) if use_amp is None else use_amp)  # CUDA and CPU alike

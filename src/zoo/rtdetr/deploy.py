@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +25,7 @@ from src.zoo.rtdetr.patch_level_pruning import PatchLevelPruner
 __all__ = ["load_detector", "DeployModel", "set_moe_dispatch", "pruning_summary", "export", "write_class_metadata"]
 
 
-def load_detector(config: str, overrides: Sequence[str] = (), checkpoint: Optional[str] = None,
+def load_detector(config: str, overrides: Sequence[str] | Mapping = (), checkpoint: Optional[str] = None,
                   random_weights: bool = False, trusted: bool = False,
                   device: str = "cpu") -> Tuple[YAMLConfig, nn.Module, nn.Module]:
     """Build the config's model and postprocessor in eval mode with the checkpoint's weights.
@@ -35,14 +35,15 @@ def load_detector(config: str, overrides: Sequence[str] = (), checkpoint: Option
     is required (tests, benchmarks), so random weights are never used by accident.
     Pruners are left without an epoch, i.e. at the end of their warmup schedule (``keep_ratio``).
 
-    Returns (cfg, model, postprocessor), both modules on ``device`` in eval mode. ``cfg.checkpoint_classes``
-    is the training class list the checkpoint stores (`src.data.classes.ClassList`), or None (random
-    weights, or a checkpoint written before classes were stored).
+    ``overrides``: ``-u`` strings or a nested dict (src/core/run_config.py). Returns (cfg, model,
+    postprocessor), both modules on ``device`` in eval mode. ``cfg.checkpoint_classes`` is the training class
+    list the checkpoint stores (`src.data.classes.ClassList`), or None (random weights, or a checkpoint written
+    before classes were stored).
     """
     if (checkpoint is None) == (not random_weights):
         raise ValueError("load_detector: give a checkpoint (-r CKPT) or, for tests and benchmarks only, "
                          "random_weights=True (--random-weights); not both, not neither")
-    cfg = YAMLConfig(config, overrides=list(overrides))
+    cfg = YAMLConfig(config, overrides=dict(overrides) if isinstance(overrides, Mapping) else list(overrides))
     model, post = cfg.model, cfg.postprocessor
     cfg.checkpoint_classes = None
     if checkpoint is not None:

@@ -19,6 +19,7 @@ from src.zoo.rtdetr import dset_losses as dl
 from src.zoo.rtdetr.dset_config import DSETConfig
 
 BIAS_GROUPS = ("small", "medium", "large", "far", "near")
+EVAL_KEEP_SUM, EVAL_IMAGES = "applied_keep_ratio_sum", "applied_keep_ratio_images"  # eval sums of the keep ratio
 
 
 @torch.no_grad()
@@ -103,6 +104,10 @@ class DSETHook(TrainHook):
         infos = outputs.get("dset_prune_info") or []
         if not infos:
             return sums
+        # the keep ratio the pruners applied (1.0 for a level that kept everything), weighted by images
+        applied = sum(float(x["keep_ratio"]) for x in infos) / len(infos)
+        sums[EVAL_KEEP_SUM] = torch.tensor(applied * images.shape[0], dtype=torch.float64)
+        sums[EVAL_IMAGES] = torch.tensor(float(images.shape[0]), dtype=torch.float64)
         img_shape = images.shape[-2:]
         gt = dl.targets_to_abs_xyxy(targets, img_shape)
         # val halves by image id parity (plain ints, no device sync): a mode chosen on half0 is reported on half1
@@ -124,7 +129,13 @@ class DSETHook(TrainHook):
         return sums
 
     def eval_metrics(self, sums) -> dict:
-        return {"dset_bias": cass.finalize_keep_bias(sums)} if sums else {}
+        """``dset_bias`` (the keep-bias figures) and ``dset_keep_ratio`` (the mean keep ratio the pruners
+        applied in this evaluation: 1.0 inside the pruning warmup or with ``prune_in_eval: false``)."""
+        if not sums:
+            return {}
+        bias = {k: v for k, v in sums.items() if k not in (EVAL_KEEP_SUM, EVAL_IMAGES)}
+        return {"dset_bias": cass.finalize_keep_bias(bias),
+                "dset_keep_ratio": float(sums[EVAL_KEEP_SUM]) / max(float(sums[EVAL_IMAGES]), 1.0)}
 
     def eval_scalars(self, stats) -> Dict[str, float]:
         # per level: eval_bias/P4/keep_recall_small next to the pooled eval_bias/keep_recall_small
@@ -138,7 +149,7 @@ class DSETHook(TrainHook):
         for prefix, name in (("keep_recall", "pruner"), ("oracle_keep_recall", "oracle (top-K of target)")):
             lines.append(f"| {name} | " + " | ".join(f"{bias[f'{prefix}_{g}']:.3f}" for g in BIAS_GROUPS) + " |")
         lines.append(f"centroid shift dx {bias['centroid_dx']:+.4f}, dy {bias['centroid_dy']:+.4f} "
-                     f"(dy < 0: mask drifts up)")
+                     f"(dy < 0: mask drifts up); keep ratio applied {stats.get('dset_keep_ratio', float('nan')):.2f}")
         return "\n".join(lines)
 
 

@@ -322,35 +322,35 @@ class RTDETRTransformerv2(nn.Module):
             return self.anchors, self.valid_mask
         return generate_anchors(spatial_shapes, eps=self.eps, device=memory.device)
 
-    def _select_topk(self, memory: Tensor, logits: Tensor, coords_unact: Tensor, topk: int
-                     ) -> Tuple[Tensor, Tensor, Tensor]:
-        """Top-k encoder proposals: memory [B, L, d], logits [B, L, C'], coords [B, L, 4] -> the k best rows."""
+    def _select_topk(self, logits: Tensor, topk: int) -> Tensor:
+        """Indices [B, k] of the top-k encoder proposals by their scores logits [B, L, C']."""
         if topk > logits.shape[1] and self.query_select_method != "one2many":
             raise ValueError(f"RTDETRTransformerv2: num_queries={topk} exceeds the {logits.shape[1]} encoder tokens; "
                              "use a larger input or fewer queries")
         if self.query_select_method == "default":
-            index = torch.topk(logits.max(-1).values, topk, dim=-1).indices
-        elif self.query_select_method == "one2many":
-            index = torch.topk(logits.flatten(1), topk, dim=-1).indices // self.num_classes
-        else:  # agnostic
-            index = torch.topk(logits.squeeze(-1), topk, dim=-1).indices
-
-        def gather(x: Tensor) -> Tensor:
-            return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-        return gather(memory), gather(logits), gather(coords_unact)
+            return torch.topk(logits.max(-1).values, topk, dim=-1).indices
+        if self.query_select_method == "one2many":
+            return torch.topk(logits.flatten(1), topk, dim=-1).indices // self.num_classes
+        return torch.topk(logits.squeeze(-1), topk, dim=-1).indices  # agnostic
 
     def _decoder_input(self, memory: Tensor, spatial_shapes: List[Tuple[int, int]],
                        dn_content: Optional[Tensor], dn_ref_unact: Optional[Tensor]):
-        """Encoder proposals -> (content [B, N, d], reference boxes logit-space [B, N, 4], enc boxes, enc logits)."""
+        """Encoder proposals -> (content [B, N, d], reference boxes logit-space [B, N, 4], enc boxes, enc logits).
+
+        The box head runs on the selected proposals only (the selection uses the scores alone; a row's boxes do
+        not depend on the other rows): the same boxes as on every token, without the work on the L - k others.
+        """
         anchors, valid_mask = self._anchors_for(spatial_shapes, memory)
         memory = valid_mask.to(memory.dtype) * memory
         output_memory = self.enc_output(memory)
         enc_logits = self.enc_score_head(output_memory)
-        enc_coords_unact = self.enc_bbox_head(output_memory) + anchors
+        index = self._select_topk(enc_logits, self.num_queries)                     # [B, k]
 
-        topk_memory, topk_logits, topk_coords_unact = self._select_topk(
-            output_memory, enc_logits, enc_coords_unact, self.num_queries)
+        def gather(x: Tensor) -> Tensor:  # [B or 1, L, c] -> [B, k, c]
+            return x.expand(index.shape[0], -1, -1).gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+        topk_memory, topk_logits = gather(output_memory), gather(enc_logits)
+        topk_coords_unact = self.enc_bbox_head(topk_memory) + gather(anchors)
         enc_boxes = torch.sigmoid(topk_coords_unact) if self.training else None
 
         if self.learn_query_content:
