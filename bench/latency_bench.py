@@ -43,7 +43,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from src.core.run_config import config_path, merge_overrides
-from src.zoo.rtdetr.deploy import DeployModel, load_detector, set_moe_dispatch
+from src.zoo.rtdetr.deploy import DeployModel, load_detector
 
 BASE_CONFIG = "dset4_r18_ratio0.3.yaml"   # under configs/
 KEEP_RATIOS = (1.0, 0.7, 0.5, 0.3)
@@ -218,11 +218,7 @@ def time_onnx(variants: Dict[str, DeployModel], images, sizes, hw, repeats: int,
     for name, deploy in variants.items():
         path = os.path.join(workdir, f"{name}_{hw[0]}x{hw[1]}.onnx")
         if not os.path.exists(path):
-            set_moe_dispatch(deploy.model, "dense")
-            try:
-                export(deploy, path, hw)
-            finally:
-                set_moe_dispatch(deploy.model, "auto")
+            export(deploy, path, hw)  # MoE layers trace their dense dispatch (MoEFFN.resolved_dispatch)
         sessions[name] = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     feed = {"images": images.cpu().numpy(), "orig_target_sizes": sizes.cpu().numpy()}
     for sess in sessions.values():

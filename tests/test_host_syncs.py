@@ -134,3 +134,29 @@ def test_host_built_tensors_reach_the_gpu_without_a_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert t.is_cuda and t.cpu().tolist() == [1, 2, 3]
+
+
+def test_an_overflowing_expert_a_token_did_not_choose_reaches_neither_output_nor_gradients():
+    torch.manual_seed(0)
+    moe = MoEFFN(8, 16, num_experts=4, top_k=1, noise_std=0.0).eval()
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        moe.gate.weight.zero_()
+        moe.gate.bias.copy_(torch.tensor([5.0, 0.0, 0.0, 0.0]))  # every token chooses expert 0
+        moe.b1[3].fill_(float("inf"))                          # expert 3 overflows on every token
+    moe.dispatch = "dense"
+    y = moe(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all()
+    assert all(torch.isfinite(p.grad).all() for p in moe.parameters() if p.grad is not None)
+    reference = torch.relu(x @ moe.w1[0].T + moe.b1[0]) @ moe.w2[0].T + moe.b2[0]   # top-1 weight is 1
+    torch.testing.assert_close(y.detach(), reference.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_graph_export_traces_the_dense_dispatch_whatever_the_setting():
+    moe = MoEFFN(8, 16, dispatch="sorted").eval()
+    x = torch.randn(6, 8)
+    traced = torch.jit.trace(moe, x, check_trace=False)
+    graph = str(traced.graph)
+    assert "einsum" in graph and "split" not in graph   # dense: no data-dependent per-expert split
+    torch.testing.assert_close(traced(x), moe(x), atol=1e-5, rtol=1e-5)

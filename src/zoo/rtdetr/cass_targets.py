@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from src.misc.transfer import to_device
+from src.misc.transfer import tensor_on, to_device
 
 NORMALIZATIONS = ('patch', 'object', 'object_area', 'area_patch', 'object_balanced')
 LOSS_TYPES = ('mse', 'focal', 'vfl')
@@ -126,7 +126,7 @@ def boxes_to_cells(boxes: Tensor, feat_shape, img_shape, cfg: CASSConfig) -> Ten
     """
     h, w = feat_shape
     H, W = img_shape
-    stride = boxes.new_tensor([W / w, H / h, W / w, H / h])
+    stride = tensor_on([W / w, H / h, W / w, H / h], boxes.device, boxes.dtype)  # no blocking copy
     cells = boxes / stride
     if not cfg.use_subpixel_offset:
         cells = torch.cat([cells[:, :2].floor(), cells[:, 2:].ceil()], dim=1)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from src.zoo.rtdetr import cass
+from src.misc.transfer import tensor_on
 from src.zoo.rtdetr.box_ops import box_cxcywh_to_xyxy
 
 MOE_PARTS = ("encoder", "decoder")
@@ -28,7 +29,11 @@ def targets_to_abs_xyxy(targets: List[dict], img_shape) -> List[Tensor]:
     img_shape: (H, W) of the padded input tensor. Returns a list of [N_b, 4] tensors.
     """
     h, w = img_shape
-    return [box_cxcywh_to_xyxy(t["boxes"]) * t["boxes"].new_tensor([w, h, w, h]) for t in targets]
+    if not targets:
+        return []
+    boxes = targets[0]["boxes"]
+    scale = tensor_on([w, h, w, h], boxes.device, boxes.dtype)  # once, without a blocking copy (new_tensor is one)
+    return [box_cxcywh_to_xyxy(t["boxes"]) * scale for t in targets]
 
 
 def compute_cass(prune_infos: List[dict], gt_xyxy: List[Tensor], img_shape, patch_size: int,

@@ -132,12 +132,19 @@ class MoEFFN(nn.Module):
 
     def _dense(self, flat: torch.Tensor, top_idx: torch.Tensor, top_weight: torch.Tensor) -> torch.Tensor:
         """Every expert on every token [T, D], weighted by the top-k routing weights (zero for experts not
-        chosen) -> [T, D]. Static shapes, no host read; ``num_experts / top_k`` times the expert FLOPs."""
+        chosen) -> [T, D]. Static shapes, no host read; ``num_experts / top_k`` times the expert FLOPs.
+
+        The hidden activations of the experts a token did not choose are zeroed before the activation, so an
+        overflow there (float16) reaches neither the output (0 * inf) nor the weight gradients."""
         combine = torch.zeros(flat.shape[0], self.num_experts, dtype=top_weight.dtype, device=flat.device)
         combine = combine.scatter(1, top_idx, top_weight)                                  # [T, E]
-        h = torch.einsum("td,efd->tef", flat, self.w1) + self.b1                           # [T, E, F]
+        chosen = combine > 0  # the top-k (a softmax weight that underflowed to 0 contributes nothing either way)
+        h = torch.einsum("td,efd->tef", flat, self.w1)                                     # [T, E, F]
+        h = h + self.b1.to(h.dtype)                  # under autocast: stay in the autocast dtype (memory)
+        h = torch.where(chosen.unsqueeze(-1), h, torch.zeros((), dtype=h.dtype, device=h.device))
         h = self.dropout(self.activation(h))
-        y = torch.einsum("tef,edf->ted", h, self.w2) + self.b2                             # [T, E, D]
+        y = torch.einsum("tef,edf->ted", h, self.w2)                                       # [T, E, D]
+        y = y + self.b2.to(y.dtype)
         return (combine.unsqueeze(-1).to(y.dtype) * y).sum(1)
 
     def _sorted(self, flat: torch.Tensor, top_idx: torch.Tensor, top_weight: torch.Tensor) -> torch.Tensor:
@@ -154,7 +161,10 @@ class MoEFFN(nn.Module):
         return (top_weight.unsqueeze(-1).to(y_assign.dtype) * y_assign.view(num_tokens, k, -1)).sum(1)
 
     def resolved_dispatch(self, device: torch.device) -> str:
-        """``sorted`` or ``dense``: what ``dispatch`` means for inputs on ``device``."""
+        """``sorted`` or ``dense``: what ``dispatch`` means for inputs on ``device`` (always dense under graph
+        export or tracing)."""
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return "dense"  # the sorted form's group sizes would be frozen into the graph as constants
         if self.dispatch != "auto":
             return self.dispatch
         return "dense" if device.type == "cuda" else "sorted"
