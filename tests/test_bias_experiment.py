@@ -224,3 +224,13 @@ def test_differences_take_the_reference_at_the_cells_own_last_step():
     long_ = next(line for line in table.splitlines() if line.startswith('| long |'))
     assert short.split(' | ')[2] == '50' and '+0.030 [' in short      # (0.05 + 0.01) / 2 against step 50, not 100
     assert long_.split(' | ')[2] == '100' and '+0.015 [' in long_     # (0.02 + 0.01) / 2
+
+
+def test_each_seed_names_the_machine_its_stage_1_ran_on_and_old_jsons_keep_theirs(smoke):
+    result = _result(smoke[0])
+    assert result['machines'] == {'0': bx.machine()} and 'machine' not in result
+    old = {'machine': 'Intel(R) Xeon(R) Processor, 2 cores', 'stage1_learning_curve': {'0': []},
+           'records': [{'seed': 0}, {'seed': 2}]}
+    assert bx.machines_of(old) == {'0': 'Intel(R) Xeon(R) Processor, 2 cores',
+                                                '2': 'Intel(R) Xeon(R) Processor, 2 cores'}
+    assert bx.machines_of({'machines': {'1': 'AMD EPYC'}, 'machine': 'x'}) == {'1': 'AMD EPYC'}

@@ -698,6 +698,7 @@ def run(profile: Profile, out: Path, work: Path, device: str, amp: bool, log=pri
     strength: Dict[str, dict] = dict(previous.get('strength', {}))
     curves: Dict[str, list] = dict(previous.get('stage1_learning_curve', {}))
     recorded_curves = dict(curves)   # the stage 1 each seed's recorded runs were tuned from
+    machines = machines_of(previous)  # the machine of each seed (its stage 1 is trained on it)
     commit = git_commit()
     lock = threading.Lock()
     data_dir = ensure_data(profile, work / 'data', log)
@@ -718,7 +719,8 @@ def run(profile: Profile, out: Path, work: Path, device: str, amp: bool, log=pri
         with lock:
             keys = {(r['cell'], r['seed'], r['steps']) for r in new}
             records[:] = [r for r in records if (r['cell'], r['seed'], r['steps']) not in keys] + new
-            write_results(full or profile, out, device, amp, commit, records, strength, curves, log)
+            write_results(full or profile, out, device, amp, commit, records, strength, curves, log,
+                          machines=machines)
 
     def _train(cfg, run_dir, seed, **kw):
         dev = free.get()
@@ -732,6 +734,7 @@ def run(profile: Profile, out: Path, work: Path, device: str, amp: bool, log=pri
         _train(run_config(profile, data_dir, run_dir, None), run_dir, seed)
         with lock:
             curves[str(seed)] = learning_curve(run_dir, profile.stage1_iters)
+            machines[str(seed)] = machine()
         return run_dir / 'last.pth'
 
     with ThreadPoolExecutor(max(1, profile.jobs)) as pool:
@@ -781,7 +784,8 @@ def run(profile: Profile, out: Path, work: Path, device: str, amp: bool, log=pri
                  for steps, stats in evaluations(run_dir, profile.stage2_iters) if steps > 0])
 
         list(pool.map(_stage2, todo))
-    result = write_results(full or profile, out, device, amp, commit, records, strength, curves, log)
+    result = write_results(full or profile, out, device, amp, commit, records, strength, curves, log,
+                           machines=machines)
     (out / 'masks').mkdir(exist_ok=True)
     first = profile.seeds[0]
     for cell in profile.cells:
@@ -792,17 +796,28 @@ def run(profile: Profile, out: Path, work: Path, device: str, amp: bool, log=pri
     return result
 
 
+def machines_of(previous: dict) -> Dict[str, str]:
+    """{seed: machine} of a json: its ``machines``, or (written before 2026-12-03, one ``machine`` for the whole
+    file) that machine for every seed recorded in it."""
+    if 'machines' in previous:
+        return dict(previous['machines'])
+    seeds = sorted({str(r['seed']) for r in previous.get('records', [])} | set(previous.get('stage1_learning_curve', {})))
+    return {s: previous.get('machine', 'not recorded (before 2026-12-02)') for s in seeds}
+
+
 def write_results(profile: Profile, out: Path, device: str, amp: bool, commit: str, records: List[dict],
                   strength: dict, curves: dict, log=print, command: Optional[str] = None,
-                  machine_name: Optional[str] = None) -> dict:
-    """bias_experiment.json / .md / .png and bias_time_course.png from the records so far."""
+                  machines: Optional[Dict[str, str]] = None) -> dict:
+    """bias_experiment.json / .md / .png and bias_time_course.png from the records so far. ``machines``: the
+    machine each seed ran on (a seed's runs all come from one stage 1, so from one machine)."""
     cells = [c.name for c in profile.cells] + [c.name for c in profile.extra_cells if c not in profile.cells]
     records = sorted(records, key=lambda r: (cells.index(r['cell']) if r['cell'] in cells else 99, r['seed'],
                                              r['steps']))
     candidates = [c.name for c in (*profile.cells, *profile.extra_cells) if c.dset and c.weight > 0]
     planned = {(c.name, s) for s, c, _ in plan(profile)}
     finished = {(r['cell'], r['seed']) for r in records if r['steps'] > 0}
-    result = {'protocol': protocol_of(profile), 'device': device, 'machine': machine_name or machine(), 'amp': amp,
+    machines = dict(sorted((machines or {}).items()))
+    result = {'protocol': protocol_of(profile), 'device': device, 'machines': machines, 'amp': amp,
               'date': time.strftime('%Y-%m-%d'),
               'commit': commit, 'commits': sorted({r['commit'] for r in records}),
               'command': command or 'python tools/bias_experiment.py ' + ' '.join(sys.argv[1:]),
@@ -819,7 +834,9 @@ def write_results(profile: Profile, out: Path, device: str, amp: bool, commit: s
               f"choose): " + ', '.join(f'KR {g} {v:.3f}' for g, v in sel['keep_recall'].items()) + '.\n')
     (out / 'bias_experiment.md').write_text(
         f"Profile `{profile.name}`, device {device}, commit(s) {', '.join(result['commits'])}; "
-        f"`{result['command']}`; {result['date']}; {state}.\n\n## Last step, mean ± std over seeds\n\n"
+        f"`{result['command']}`; {result['date']}; {state}.\n\nMachines: "
+        + '; '.join(f'seed {k}: {v}' for k, v in machines.items())
+        + ".\n\n## Last step, mean ± std over seeds\n\n"
         + markdown_table(records, cells)
         + f"\n## Paired per-seed differences against {REFERENCE.name}, mean [95 % t interval]\n\n"
         + difference_table(records, cells) + "\n## Time course (mean over seeds)\n\n"
@@ -875,7 +892,7 @@ def main(argv=None) -> int:
         write_results(PROFILES[args.profile], out, prev['device'], prev['amp'], prev['commit'], prev['records'],
                       prev['strength'], prev['stage1_learning_curve'],
                       command=prev['command'].split(' (report')[0] + ' (report rewritten with --report-only)',
-                      machine_name=prev.get('machine', 'not recorded (before 2026-12-02)'))
+                      machines=machines_of(prev))
         return 0
     try:
         run(profile, out, work, args.device or profile.device, args.amp, full=replace(PROFILES[args.profile],
