@@ -190,3 +190,30 @@ def test_float16_amp_two_epochs_equal_one_epoch_then_resume_in_weights_optimizer
     oa, ob = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
     assert oa.keys() == ob.keys() and all(torch.equal(oa[i]["exp_avg_sq"], ob[i]["exp_avg_sq"]) for i in oa)
     assert a.scaler.state_dict() == b.scaler.state_dict() and a.scaler.get_scale() > 0
+
+
+@pytest.mark.parametrize("eval_amp, dtype", [(None, "bfloat16"), (False, "float32")])
+def test_evaluation_runs_under_the_training_autocast_and_postprocesses_float32(tmp_path, data_root, eval_amp,
+                                                                                dtype):
+    overrides = {"use_amp": True, "amp_dtype": "bfloat16", "eval_amp": eval_amp}
+    trainer = tiny_trainer(tmp_path, data_root, overrides, hw=FP16_HW)
+    model = trainer.state.ema.module
+    seen = {}
+    linears = [m.register_forward_hook(lambda m, a, out: seen.setdefault("linear", set()).add(out.dtype))
+               for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    h2 = trainer.postprocessor.register_forward_pre_hook(  # the first batch's (a hook returning None)
+        lambda m, args: seen.update(logits=seen.get("logits", args[0]["pred_logits"].detach().clone())))
+    stats = trainer.evaluate_only()
+    [h.remove() for h in linears + [h2]]
+    assert stats["eval_dtype"] == dtype and seen["linear"] == {getattr(torch, dtype)}  # every linear layer
+    # the postprocessor got float32: the model's own outputs on the first val batch, cast up
+    images, _ = next(iter(trainer.val_loader))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        reference = model(images)["pred_logits"]
+    assert seen["logits"].dtype == torch.float32 and torch.equal(seen["logits"], reference.float())
+    assert json.loads((tmp_path / "out" / "eval" / "test.json").read_text())["eval_dtype"] == dtype
+
+
+def test_eval_amp_key_is_validated(tmp_path, data_root):
+    with pytest.raises(ConfigError, match=r"eval_amp.*'on'.*true, false or null"):
+        tiny_trainer(tmp_path, data_root, {"eval_amp": "on"})

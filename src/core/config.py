@@ -39,6 +39,8 @@ GLOBAL_KEYS: Dict[str, str] = {
     "use_amp": "mixed precision (autocast + GradScaler for float16) on CUDA and CPU",
     "amp_dtype": "autocast dtype under use_amp: float16 (with GradScaler) or bfloat16 (no scaler); default "
                  "float16 on CUDA, bfloat16 on CPU (float16 autocast is about 50x slower there)",
+    "eval_amp": "evaluate under the autocast of use_amp / amp_dtype (null, default: follows use_amp; the eval "
+                "json's eval_dtype says which dtype ran)",
     "amp_init_scale": "GradScaler's initial loss scale for float16 AMP (default 65536)",
     "sync_bn": "convert BatchNorm to SyncBatchNorm under DDP",
     "find_unused_parameters": "DDP find_unused_parameters",
@@ -66,6 +68,8 @@ DATALOADER_KEYS = {
     "drop_last": "drop the last incomplete batch",
     "collate_fn": "{type: BatchImageCollateFunction, ...}",
     "pin_memory": "pin host memory (default: true on CUDA, false on CPU)",
+    "persistent_workers": "keep the loader's workers between epochs / evaluations (default: true when "
+                          "num_workers > 0; epoch policies and worker seeds still follow the epoch)",
 }
 
 # Sections validated by their own builders (src/optim) at build time, before training starts.
@@ -166,6 +170,10 @@ class YAMLConfig:
                               f"of {', '.join(MATMUL_PRECISIONS)}")
 
     def _check_amp(self):
+        eval_amp = self.yaml_cfg.get("eval_amp")
+        if eval_amp is not None and not isinstance(eval_amp, bool):
+            raise ConfigError(f"{self.where(('eval_amp',))} = {eval_amp!r} is invalid: must be true, false or null "
+                              f"(default: follows use_amp)")
         dtype, scale = self.yaml_cfg.get("amp_dtype", "float16"), self.yaml_cfg.get("amp_init_scale", 65536.0)
         if dtype not in AMP_DTYPES:
             raise ConfigError(f"{self.where(('amp_dtype',))} = {dtype!r} is invalid: must be one of "

@@ -25,6 +25,7 @@ from src.core.yaml_utils import DataError
 from src.data.classes import ClassList, ClassMatch, ClassMismatchError, match_classes
 from src.data.coco_json import (AnnotationColumns, AnnotationError, EvalGroundTruth, annotation_columns,
                                 check_box_convention, check_image_entries, clean_boxes, gc_paused, load_coco_json)
+from src.data.epoch_sync import sync_epoch
 from src.data.image_io import (HeaderCache, apply_orientation, default_header_cache_dir, orientation_to_apply,
                                probe_headers, to_rgb_uint8)
 
@@ -358,8 +359,9 @@ class CocoDetection(Dataset):
         raise CorruptImageError(f"no readable image in {self.img_folder!r} for {self.ann_file!r}: "
                                 f"all {len(self)} files are missing or corrupt")
 
-    def __getitem__(self, index: int):
-        index, image = self._readable_index(index)
+    def __getitem__(self, index):
+        """``index``: an int, or an ``EpochIndex`` from a training loader (src/data/epoch_sync.py)."""
+        index, image = self._readable_index(sync_epoch(self, index))
         target = self.load_target(index)
         if self.transforms is not None:
             image, target = self.transforms(image, target)

@@ -24,3 +24,15 @@ def to_device(host: torch.Tensor, device) -> torch.Tensor:
 def tensor_on(values, device, dtype=None) -> torch.Tensor:
     """``torch.tensor(values, dtype=dtype, device=device)`` without the blocking copy (see ``to_device``)."""
     return to_device(torch.tensor(values, dtype=dtype), device)
+
+
+def to_float32(tree):
+    """``tree`` (tensors in nested dicts / lists / tuples) with every float16 / bfloat16 tensor cast to
+    float32; other leaves unchanged. Evaluation under autocast hands float32 to postprocessing and metrics."""
+    if torch.is_tensor(tree):
+        return tree.float() if tree.dtype in (torch.float16, torch.bfloat16) else tree
+    if isinstance(tree, dict):
+        return {k: to_float32(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_float32(v) for v in tree)
+    return tree

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from src.core.yaml_utils import ConfigError
+from src.data.epoch_sync import EpochIndex
 from src.misc import dist
 from src.misc.rng import rng_preserved
 
@@ -43,9 +44,32 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(range(self.rank, self.n, self.world))
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """The training sampler's indices as ``EpochIndex(index, epoch, seed)``: the epoch and the workers' seed
+    of the epoch (``loader_seed(seed, epoch, rank)``) travel to the loader workers with every index, so
+    persistent workers switch epoch policies and reseed exactly as fresh ones do (src/data/epoch_sync.py)."""
+
+    def __init__(self, sampler: DistributedSampler, seed: int, rank: int):
+        self.sampler, self.seed, self.rank = sampler, int(seed), int(rank)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.sampler.set_epoch(self.epoch)
+        self.worker_seed = loader_seed(self.seed, self.epoch, self.rank, train=True)
+
+    def __iter__(self):
+        epoch, seed = self.epoch, self.worker_seed
+        return (EpochIndex(int(i), epoch, seed) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 def build_loader(cfg, key: str, train: bool, seed: int, device: torch.device) -> DataLoader:
     """The loader of section ``key``; ``pin_memory`` defaults to true on CUDA (page-locked batches make the
-    trainer's ``non_blocking`` copies asynchronous) and false on CPU (nothing to copy)."""
+    trainer's ``non_blocking`` copies asynchronous) and false on CPU (nothing to copy); ``persistent_workers``
+    defaults to true with workers (the training loader's epoch reaches them with every index: EpochSampler)."""
     section = cfg[key]
     ds_spec = section.get("dataset")
     if ds_spec is None:
@@ -60,16 +84,34 @@ def build_loader(cfg, key: str, train: bool, seed: int, device: torch.device) ->
     # the order comes from the sampler (seed + set_epoch); the generator seeds the loader workers and is
     # re-seeded every epoch from (seed, epoch, rank), so worker augmentations never depend on the global RNGs
     if train:
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=dist.get_rank(),
-                                     shuffle=bool(section.get("shuffle", train)), seed=seed, drop_last=False)
+        sampler = EpochSampler(DistributedSampler(dataset, num_replicas=world, rank=dist.get_rank(),
+                                                  shuffle=bool(section.get("shuffle", train)), seed=seed,
+                                                  drop_last=False), seed, dist.get_rank())
+        if collate is not None and hasattr(collate, "set_epoch"):
+            dataset.epoch_listeners = (collate,)  # the worker's collate copy follows the worker's dataset
     else:  # evaluation: every image exactly once over the ranks (DistributedSampler would repeat some)
         sampler = ShardSampler(len(dataset), world, dist.get_rank())
     generator = torch.Generator().manual_seed(loader_seed(seed, 0, dist.get_rank(), train))
-    return DataLoader(dataset, batch_size=total_bs // world, sampler=sampler,
-                      num_workers=int(section.get("num_workers", 0)), collate_fn=collate,
-                      drop_last=bool(section.get("drop_last", False)),
+    workers = int(section.get("num_workers", 0))
+    persistent = section.get("persistent_workers")
+    if persistent is not None and not isinstance(persistent, bool):
+        raise ConfigError(f"{cfg.where((key, 'persistent_workers'))} = {persistent!r} is invalid: must be true, "
+                          f"false or null (default: true when num_workers > 0)")
+    return DataLoader(dataset, batch_size=total_bs // world, sampler=sampler, num_workers=workers,
+                      collate_fn=collate, drop_last=bool(section.get("drop_last", False)),
                       pin_memory=bool(section.get("pin_memory", torch.device(device).type == "cuda")),
-                      persistent_workers=False, generator=generator)
+                      persistent_workers=workers > 0 and persistent is not False, generator=generator)
+
+
+def start_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Put a training loader in ``epoch``: the sampler's order and the workers' seed (a function of (seed,
+    epoch, rank)), the generator, and the epoch policies of the dataset and collate function (main
+    process; workers follow with the first index of the epoch)."""
+    loader.sampler.set_epoch(epoch)
+    loader.generator.manual_seed(loader_seed(seed, epoch, dist.get_rank(), train=True))
+    for obj in (loader.dataset, loader.collate_fn):
+        if hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
 
 
 def check_num_classes(cfg, loaders):

@@ -24,6 +24,7 @@ from src.misc import dist
 from src.misc.backends import configure_backends
 from src.misc.logger import ProgressMeter, TrainLogger
 from src.misc.rng import rng_preserved, seed_everything
+from src.misc.transfer import to_float32
 from src.optim.ema import ModelEMA
 from src.optim.lr_scheduler import build_lr_scheduler
 from src.optim.optimizer import build_optimizer, check_param_groups
@@ -31,7 +32,7 @@ from src.solver import checkpointing
 from src.solver.checkpointing import CheckpointError  # noqa: F401  (public: train.py, tests)
 from src.solver.evaluator import evaluator_for, format_table
 from src.solver.loaders import (build_loader, check_input_divisibility, check_loss_weights, check_num_classes,
-                                check_training_data, iters_per_epoch, largest_stride, loader_seed, multiscale,
+                                check_training_data, iters_per_epoch, largest_stride, multiscale, start_epoch,
                                 prepare_val_data, training_classes)
 from src.solver.state import TrainState
 from src.solver.train_step import (NonFiniteLossError, StepSettings, amp_dtype_for, skip_buffers,  # noqa: F401
@@ -69,6 +70,8 @@ class Trainer:
         self.seed = cfg.get("seed", 0) if seed is None else seed
         self.use_amp = bool(cfg.get("use_amp", False) if use_amp is None else use_amp)  # CUDA and CPU alike
         self.amp_dtype = amp_dtype_for(cfg, self.device, self.use_amp)  # float16, or bfloat16 (default on CPU)
+        eval_amp = cfg.get("eval_amp")  # validated: true | false | null (follows use_amp)
+        self.eval_amp = self.use_amp if eval_amp is None else bool(eval_amp)
         self.resume_path, self.tuning_path, self.trusted = resume, tuning or cfg.get("tuning"), trusted_checkpoint
         self.test_only = test_only  # evaluation only: no training-set checks; a resume says what it evaluates
         self.epochs, self.print_freq = int(cfg.get("epochs", 1)), int(cfg.get("print_freq", 50))
@@ -188,11 +191,7 @@ class Trainer:
         model.train()
         self.criterion.train()
         set_epoch_everywhere(model, epoch)
-        self.train_loader.sampler.set_epoch(epoch)  # the data order of the epoch: a function of (seed, epoch)
-        self.train_loader.generator.manual_seed(loader_seed(self.seed, epoch, dist.get_rank(), train=True))
-        for obj in (self.train_loader.dataset, self.train_loader.collate_fn):
-            if hasattr(obj, "set_epoch"):
-                obj.set_epoch(epoch)
+        start_epoch(self.train_loader, self.seed, epoch)  # data order, worker seeds, epoch policies
         settings = StepSettings(self.device.type, self.amp_dtype, self.use_amp, float(cfg.get("clip_max_norm") or 0.0),
                                 int(cfg.get("skip_nonfinite_steps", 0) or 0), self.output_dir, self.is_main)
         progress = ProgressMeter(self.iters_per_epoch, header=f"epoch {epoch}/{self.epochs}", enabled=self.is_main)
@@ -255,7 +254,9 @@ class Trainer:
         for images, targets in self.val_loader:
             images = images.to(self.device)
             targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-            outputs = model(images)
+            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.eval_amp):
+                outputs = model(images)
+            outputs = to_float32(outputs)  # postprocessing and the hooks' sums in float32
             sizes = eval_scale_sizes(targets, images.shape[-2:]).to(self.device)
             results = self.postprocessor(outputs, sizes)
             evaluator.update({int(t["image_id"]): r for t, r in zip(targets, results)})
@@ -263,6 +264,7 @@ class Trainer:
                 for k, v in hook.eval_batch(outputs, targets, images).items():
                     acc[k] = acc.get(k, 0) + v
         stats = evaluator.summarize()
+        stats["eval_dtype"] = str(self.amp_dtype).replace("torch.", "") if self.eval_amp else "float32"
         # the hooks' sums of all ranks in ONE collective (keys prefixed by the hook's index)
         flat = dist.sum_over_ranks({f"{h}/{k}": v for h, acc in enumerate(hook_sums) for k, v in acc.items()})
         for h, hook in enumerate(self.hooks):
