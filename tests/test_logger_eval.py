@@ -263,3 +263,18 @@ def test_format_table_lists_metrics_and_classes():
     assert lines[2].startswith("| 0.400 | 1.000 | 0.000 | n/a")
     assert "| 3 | car | 4 | 0.400 | 1.000 |" in table
     assert "| 9 | bus | 0 | n/a | n/a |" in table
+
+
+def test_a_batch_of_detections_reaches_the_host_in_one_copy_with_exact_values(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    results = [{"boxes": torch.rand(n, 4, generator=gen) * 1000, "scores": torch.rand(n, generator=gen),
+                "labels": torch.randint(0, 80, (n,), generator=gen)} for n in (3, 0, 5)]
+    copies = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: copies.append(self.shape) or real_cpu(self, *a, **k))
+    host = CocoEvaluator.results_to_host(results)
+    monkeypatch.undo()
+    assert copies == [torch.Size([8, 6])]
+    for got, ref in zip(host, results):  # the per-image copies it replaces, in float64 / int64
+        assert torch.equal(got["boxes"], ref["boxes"].double()) and torch.equal(got["scores"], ref["scores"].double())
+        assert got["labels"].dtype == torch.int64 and torch.equal(got["labels"], ref["labels"])

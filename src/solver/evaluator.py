@@ -206,6 +206,22 @@ class CocoEvaluator:
         self._dets = {}
         self.num_unscored = 0
 
+    @staticmethod
+    def results_to_host(results: List[dict]) -> List[dict]:
+        """A batch's detections (``boxes`` [N_i, 4], ``scores`` [N_i], ``labels`` [N_i] per image, any device)
+        on the host in ONE device-to-host copy (a copy per image and key is a device sync each on CUDA):
+        packed as float64 rows [sum N_i, 6] (labels are small ints, exact in float64), copied, split.
+        Returns float64 boxes / scores and int64 labels."""
+        if not results or not all(torch.is_tensor(r["scores"]) for r in results):
+            return results
+        counts = [int(r["scores"].numel()) for r in results]  # shapes: no device read
+        packed = torch.cat([torch.cat([r["boxes"].detach().reshape(-1, 4).to(torch.float64),
+                                       r["scores"].detach().reshape(-1, 1).to(torch.float64),
+                                       r["labels"].detach().reshape(-1, 1).to(torch.float64)], dim=1)
+                            for r in results]).cpu()
+        return [{"boxes": p[:, :4], "scores": p[:, 4], "labels": p[:, 5].to(torch.int64)}
+                for p in packed.split(counts)]
+
     def update(self, results: Dict[int, dict]) -> None:
         """Add detections.
 

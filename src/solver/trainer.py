@@ -258,7 +258,7 @@ class Trainer:
                 outputs = model(images)
             outputs = to_float32(outputs)  # postprocessing and the hooks' sums in float32
             sizes = eval_scale_sizes(targets, images.shape[-2:]).to(self.device)
-            results = self.postprocessor(outputs, sizes)
+            results = evaluator.results_to_host(self.postprocessor(outputs, sizes))  # one copy a batch
             evaluator.update({int(t["image_id"]): r for t, r in zip(targets, results)})
             for hook, acc in zip(self.hooks, hook_sums):
                 for k, v in hook.eval_batch(outputs, targets, images).items():
