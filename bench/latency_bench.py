@@ -10,6 +10,10 @@ not depend on the weights except through DSET's data-dependent top-k and MoE rou
   plain_p4p5            AIFI on P4 and P5, DSET off
   dset_k{1.0,0.7,0.5,0.3}_moe    DSET (pruner on P4+P5, MoE in encoder and decoder) at that keep ratio
   dset_k{...}_dense              the same without MoE (dense FFNs)
+  official              with --official PATH: the official implementation (github:lyuwenyu/RT-DETR,
+                        rtdetrv2_pytorch) with plain_p5's weights plus seeded noise (random init gives every
+                        query the same score, so top-k ties would make any two implementations disagree);
+                        refused unless its detections equal plain_p5's with those weights (bench/official_model.py)
 
 Stages (per-stage runs synchronise at every stage boundary; the end-to-end figure is measured in separate
 runs without that): backbone, encoder_proj (input projections), aifi_p4 / aifi_p5 (pruner + attention
@@ -42,6 +46,7 @@ from typing import Callable, Dict, List, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from bench.official_model import check_same_outputs, load_official
 from src.core.run_config import config_path, merge_overrides
 from src.zoo.rtdetr.deploy import DeployModel, load_detector
 
@@ -78,6 +83,26 @@ def build(name: str, hw, device: str, extra: Sequence[str] = ()) -> DeployModel:
     _, model, post = load_detector(str(config_path(BASE_CONFIG)), merge_overrides(variant_overrides(name, hw), extra),
                                    random_weights=True, device=device)
     return DeployModel(model, post).eval()
+
+
+def tie_free_weights(model: torch.nn.Module, std: float = 0.05) -> dict:
+    """``model``'s state dict with seeded Gaussian noise on every float parameter (not BatchNorm statistics)."""
+    gen = torch.Generator().manual_seed(1)
+    return {k: v + std * torch.randn(v.shape, generator=gen).to(v) if v.is_floating_point() and "running_" not in k
+            else v for k, v in model.state_dict().items()}
+
+
+def build_official(path: str, hw, device: str, extra: Sequence[str] = ()):
+    """The official row at input ``hw``: checked against plain_p5 with the same (tie-free) weights on CPU."""
+    ours = build("plain_p5", hw, "cpu", extra)
+    weights = tie_free_weights(ours.model)
+    ours.model.load_state_dict(weights)
+    official = load_official(path, hw, ours.postprocessor.num_classes, weights, "cpu")
+    images = torch.rand(1, 3, *hw, generator=torch.Generator().manual_seed(2))
+    diff = check_same_outputs(official, ours, images, torch.tensor([[hw[1], hw[0]]], dtype=torch.int64))
+    print(f"official {hw[0]}x{hw[1]}: same detections as plain_p5 with the same weights (max diff {diff:.1e})",
+          flush=True)
+    return official.to(device)
 
 
 def level_name(level: int) -> str:
@@ -196,8 +221,9 @@ def time_torch(variants: Dict[str, DeployModel], images, sizes, device: str, dty
             run(deploy)
             sync()
             res[name]["e2e"].append((time.perf_counter() - start) * 1e3)
+    staged = {name: deploy for name, deploy in variants.items() if isinstance(deploy, DeployModel)}
     for _ in range(repeats):
-        for name, deploy in variants.items():
+        for name, deploy in staged.items():  # the official row: end to end only
             with stage_timer(deploy, sync) as times:
                 run(deploy)
             for k, v in times.items():
@@ -281,7 +307,7 @@ def machine() -> dict:
 
 
 def run_bench(args) -> dict:
-    rows = []
+    rows, officials = [], {}
     sizes_list = args.inputs
     with tempfile.TemporaryDirectory() as workdir:
         for hw in sizes_list:
@@ -294,6 +320,10 @@ def run_bench(args) -> dict:
                     plan.append(("onnxruntime-cpu", "cpu", "float32"))
                 for label, dev, dtype in plan:
                     variants = {n: build(n, hw, dev, args.extra) for n in args.variants}
+                    if args.official:
+                        if (hw, dev) not in officials:  # built and checked once per input size and device
+                            officials[(hw, dev)] = build_official(args.official, hw, dev, args.extra)
+                        variants["official"] = officials[(hw, dev)]
                     x, s = images.to(dev), sizes.to(dev)
                     if label == "onnxruntime-cpu":
                         timed = time_onnx(variants, x, s, hw, args.repeats, args.warmup, workdir)
@@ -301,10 +331,13 @@ def run_bench(args) -> dict:
                         timed = time_torch(variants, x, s, dev, dtype, args.repeats, args.warmup)
                     for name, deploy in variants.items():
                         if name not in flops_cache:  # FLOPs and kept fraction: CPU float32, batch 1
-                            cpu_model = deploy if dev == "cpu" else build(name, hw, "cpu", args.extra)
+                            cpu_model = deploy.cpu() if name == "official" or dev == "cpu" else \
+                                build(name, hw, "cpu", args.extra)
                             total, per_module = count_flops(lambda: cpu_model(images[:1], sizes[:1]))
-                            flops_cache[name] = (total / 1e9, stage_flops(per_module, cpu_model),
-                                                 kept_fraction(cpu_model))
+                            ours = isinstance(cpu_model, DeployModel)
+                            flops_cache[name] = (total / 1e9, stage_flops(per_module, cpu_model) if ours else {},
+                                                 kept_fraction(cpu_model) if ours else {})
+                            deploy.to(dev)
                         gflops, sflops, kept = flops_cache[name]
                         t = timed[name]
                         rows.append({"model": name, "device": label, "dtype": dtype, "input": f"{hw[0]}x{hw[1]}",
@@ -317,8 +350,9 @@ def run_bench(args) -> dict:
                                      "kept_fraction": kept, "run": 0})
                         print(_row_line(rows[-1]), flush=True)
                     del variants
+    argv = [a if a != args.official else "PATH/" + Path(a).name for a in sys.argv[1:]]  # no machine's path
     meta = {"date": datetime.date.today().isoformat(), "command": "python -m bench.latency_bench "
-            + " ".join(sys.argv[1:]), "quick": args.quick, "machine": machine(),
+            + " ".join(argv), "quick": args.quick, "machine": machine(),
             "note": "random weights; FLOPs at batch 1 x batch; per-stage runs synchronise at stage "
                     "boundaries; onnxruntime rows: MoE in dense dispatch"}
     return {"meta": meta, "runs": [meta], "rows": rows}
@@ -344,6 +378,20 @@ def _row_line(r: dict) -> str:
             f"{r['median_ms']:9.1f} ms (p25 {r['p25_ms']:.1f}, p75 {r['p75_ms']:.1f}), {r['gflops']:.1f} GFLOPs")
 
 
+def speed_vs_official(rows: List[dict]) -> List[str]:
+    """Lines 'speed against the official implementation' (official median / model median: > 1 is faster)
+    for every setting that has an 'official' row; none without one."""
+    setting = lambda r: (r["device"], r["dtype"], r["input"], r["batch"])  # noqa: E731
+    official = {setting(r): r["median_ms"] for r in rows if r["model"] == "official"}
+    lines = []
+    for key, ms in official.items():
+        ratios = ", ".join(f"{r['model']} {ms / r['median_ms']:.3f}x" for r in rows
+                           if setting(r) == key and r["model"] != "official")
+        lines.append(f"- speed against the official implementation, {key[0]} {key[1]} {key[2]} batch {key[3]} "
+                     f"(official median / model median, > 1 is faster): {ratios}")
+    return ([""] + lines) if lines else []
+
+
 def markdown_table(result: dict) -> str:
     """Markdown table of the rows (stage columns: median ms of the per-stage runs)."""
     cols = ["backbone", "encoder_proj", "aifi_p4", "aifi_p5", "ccfm", "decoder", "postprocessor"]
@@ -361,6 +409,7 @@ def markdown_table(result: dict) -> str:
                      f"({r['p25_ms']:.1f}-{r['p75_ms']:.1f}) | "
                      + " | ".join(f"{st[c]:.1f}" if c in st else "-" for c in cols)
                      + f" | {r['gflops']:.1f} | {kept} |" + (f" {r.get('run', 0)} |" if many else ""))
+    lines += speed_vs_official(result["rows"])
     lines.append("")
     for i, m in enumerate(runs):
         where = (f"`{m['command']}`, {m['date']}, {m['machine'].get('processor')} "
@@ -386,6 +435,9 @@ def parse_args(argv=None):
     p.add_argument("--append", action="store_true",
                    help="merge into the json at --out: rows measured again are replaced, the others kept")
     p.add_argument("-u", "--extra", nargs="+", default=[], help="extra config overrides for every variant")
+    p.add_argument("--official", default=None, metavar="PATH",
+                   help="add the official implementation as a row 'official': PATH is an extracted rtdetrv2_pytorch "
+                        "folder of github:lyuwenyu/RT-DETR (end to end only; checked to give plain_p5's detections)")
     args = p.parse_args(argv)
     q = args.quick
     args.variants = args.variants or (QUICK_VARIANTS if q else ALL_VARIANTS)

@@ -1,0 +1,98 @@
+"""bench/official_model.py: the official package is imported beside this repo's `src` without replacing it,
+gets the weights strictly, and a comparison of two different functions is refused."""
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import src.core
+from bench.latency_bench import speed_vs_official
+from bench.official_model import OFFICIAL_CONFIG, check_same_outputs, load_official
+
+FAKE_CORE = '''
+import torch
+from torch import nn
+
+class Model(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.head = nn.Linear(3, num_classes)
+        self.deployed = False
+    def deploy(self):
+        self.deployed = True
+        return self
+    def forward(self, images):
+        return self.head(images.mean(dim=(2, 3)))
+
+class Post(nn.Module):
+    def deploy(self):
+        return self
+    def forward(self, logits, sizes):
+        scores, labels = logits.sigmoid().max(-1)
+        return labels[:, None], sizes[:, None, :].repeat(1, 1, 2).float(), scores[:, None]
+
+class YAMLConfig:
+    OFFICIAL = True
+    def __init__(self, path, **kwargs):
+        self.kwargs = kwargs
+        self.model, self.postprocessor = Model(kwargs["num_classes"]), Post()
+'''
+
+
+@pytest.fixture()
+def official_root(tmp_path):
+    (tmp_path / "src" / "core").mkdir(parents=True)
+    (tmp_path / "src" / "__init__.py").write_text("")
+    (tmp_path / "src" / "core" / "__init__.py").write_text(textwrap.dedent(FAKE_CORE))
+    (tmp_path / OFFICIAL_CONFIG).parent.mkdir(parents=True)
+    (tmp_path / OFFICIAL_CONFIG).write_text("{}\n")
+    return tmp_path
+
+
+def weights(num_classes=4):
+    torch.manual_seed(0)
+    return {f"head.{k}": v for k, v in torch.nn.Linear(3, num_classes).state_dict().items()}
+
+
+def test_the_official_package_loads_beside_this_repos_src_and_leaves_it_in_place(official_root):
+    ours = {k: v for k, v in sys.modules.items() if k == "src" or k.startswith("src.")}
+    sd = weights()
+    model = load_official(str(official_root), (32, 48), 4, sd)
+    assert model.model.deployed and torch.equal(model.model.head.weight, sd["head.weight"])
+    assert {k: v for k, v in sys.modules.items() if k == "src" or k.startswith("src.")} == ours
+    assert sys.modules["src.core"] is src.core and not hasattr(src.core.YAMLConfig, "OFFICIAL")
+    assert str(official_root) not in sys.path
+
+
+def test_a_state_dict_the_official_model_does_not_have_is_refused_with_the_keys(official_root):
+    sd = dict(weights(), extra=torch.zeros(1))
+    with pytest.raises(KeyError, match=r"unexpected \['extra'\]"):
+        load_official(str(official_root), (32, 48), 4, sd)
+    assert sys.modules["src.core"] is src.core
+
+
+def test_a_folder_without_the_official_layout_is_refused_with_how_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"not an extracted rtdetrv2_pytorch folder.*lyuwenyu/RT-DETR"):
+        load_official(str(tmp_path), (32, 48), 4, weights())
+
+
+def test_detections_of_two_different_functions_are_refused(official_root):
+    official = load_official(str(official_root), (32, 48), 4, weights())
+    same = load_official(str(official_root), (32, 48), 4, weights())
+    other = load_official(str(official_root), (32, 48), 4, {k: -v for k, v in weights().items()})
+    images, sizes = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([[48, 32]] * 3)
+    assert check_same_outputs(official, same, images, sizes) == 0.0
+    with pytest.raises(ValueError, match="differ from plain_p5's"):
+        check_same_outputs(official, other, images, sizes)
+
+
+def test_speed_against_the_official_row_is_official_over_model_per_setting():
+    row = lambda model, ms, batch=1: {"model": model, "device": "cpu", "dtype": "float32", "input": "64x64",  # noqa
+                                      "batch": batch, "median_ms": ms}
+    lines = speed_vs_official([row("official", 100.0), row("plain_p5", 80.0), row("dset_k0.3_moe", 125.0),
+                               row("plain_p5", 10.0, batch=8)])
+    assert lines == ["", "- speed against the official implementation, cpu float32 64x64 batch 1 (official median / "
+                         "model median, > 1 is faster): plain_p5 1.250x, dset_k0.3_moe 0.800x"]
