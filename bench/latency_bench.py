@@ -25,7 +25,7 @@ interleaved (A B C A B C ...) so that a shared machine's noise hits every varian
 median, p25 and p75 of the repeats. FLOPs from torch.utils.flop_counter (multiply-add = 2 FLOPs, the CPU
 flash-attention kernel counted with the sdpa formula), at batch 1 times the batch. CUDA float16 rows run
 under torch.autocast. onnxruntime rows (CPU, --onnx) time the graphs of tools/export_onnx.py, end to end only
-(MoE in dense dispatch there: every expert on every token).
+(MoE in gather dispatch there, as tools/export_onnx.py exports by default: each expert on its own tokens).
 """
 from __future__ import annotations
 
@@ -244,7 +244,7 @@ def time_onnx(variants: Dict[str, DeployModel], images, sizes, hw, repeats: int,
     for name, deploy in variants.items():
         path = os.path.join(workdir, f"{name}_{hw[0]}x{hw[1]}.onnx")
         if not os.path.exists(path):
-            export(deploy, path, hw)  # MoE layers trace their dense dispatch (MoEFFN.resolved_dispatch)
+            export(deploy, path, hw)  # MoE layers trace their gather dispatch (MoEFFN.resolved_dispatch)
         sessions[name] = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     feed = {"images": images.cpu().numpy(), "orig_target_sizes": sizes.cpu().numpy()}
     for sess in sessions.values():
@@ -354,7 +354,7 @@ def run_bench(args) -> dict:
     meta = {"date": datetime.date.today().isoformat(), "command": "python -m bench.latency_bench "
             + " ".join(argv), "quick": args.quick, "machine": machine(),
             "note": "random weights; FLOPs at batch 1 x batch; per-stage runs synchronise at stage "
-                    "boundaries; onnxruntime rows: MoE in dense dispatch"}
+                    "boundaries; onnxruntime rows: MoE in gather dispatch"}
     return {"meta": meta, "runs": [meta], "rows": rows}
 
 

@@ -31,17 +31,21 @@ def _kept_sets(model, images):
     return [info["kept_patch_idx"] for info in model.encoder.last_prune_info if info["pruned"]]
 
 
-@pytest.mark.parametrize("dset", [True, False], ids=["dset_pruning", "plain"])
-def test_onnxruntime_matches_pytorch_with_the_deployment_interface(tmp_path, dset):
+@pytest.mark.parametrize("dset, dispatch", [(True, "sorted"), (True, "dense"), (False, "dense")],
+                         ids=["dset_pruning_moe_gather", "dset_pruning_moe_dense", "plain"])
+def test_onnxruntime_matches_pytorch_with_the_deployment_interface(tmp_path, dset, dispatch):
     torch.manual_seed(0)
     cfg, model, post = load_detector(_tiny_config(tmp_path, dset), random_weights=True)
-    set_moe_dispatch(model, "dense")
+    set_moe_dispatch(model, dispatch)  # sorted in PyTorch; the graph traces it as gather (NonZero per expert)
     deploy = DeployModel(model, post).eval()
     out = str(tmp_path / "model.onnx")
     hw = export_onnx.input_hw(cfg)
     export_onnx.export(deploy, out, hw)
 
     graph = onnx.load(out).graph
+    ops = {n.op_type for n in graph.node}
+    if dset:  # the MoE layers' form in the graph
+        assert ("NonZero" in ops) == (dispatch == "sorted") and ("Einsum" in ops) == (dispatch == "dense")
     assert [i.name for i in graph.input] == ["images", "orig_target_sizes"]
     assert [o.name for o in graph.output] == ["labels", "boxes", "scores"]
     assert graph.input[1].type.tensor_type.elem_type == onnx.TensorProto.INT64

@@ -153,10 +153,18 @@ def test_an_overflowing_expert_a_token_did_not_choose_reaches_neither_output_nor
     torch.testing.assert_close(y.detach(), reference.detach(), atol=1e-5, rtol=1e-5)
 
 
-def test_graph_export_traces_the_dense_dispatch_whatever_the_setting():
-    moe = MoEFFN(8, 16, dispatch="sorted").eval()
+@pytest.mark.parametrize("dispatch, traced_as", [("auto", "gather"), ("sorted", "gather"), ("dense", "dense")])
+def test_graph_export_traces_gather_or_an_explicit_dense_dispatch_and_generalises_to_other_token_counts(
+        dispatch, traced_as):
+    torch.manual_seed(0)
+    moe = MoEFFN(8, 16, dispatch=dispatch).eval()
     x = torch.randn(6, 8)
     traced = torch.jit.trace(moe, x, check_trace=False)
     graph = str(traced.graph)
-    assert "einsum" in graph and "split" not in graph   # dense: no data-dependent per-expert split
-    torch.testing.assert_close(traced(x), moe(x), atol=1e-5, rtol=1e-5)
+    # gather: per-expert NonZero shapes computed at run time; dense: einsum over all experts; never the
+    # sorted form's split, whose group sizes the trace would freeze
+    assert ("nonzero" in graph, "einsum" in graph, "split" in graph) == (traced_as == "gather", traced_as == "dense",
+                                                                        False)
+    for n in (6, 11, 1):  # token counts other than the traced one, routed differently
+        y = torch.randn(n, 8)
+        torch.testing.assert_close(traced(y), moe(y), atol=1e-5, rtol=1e-5)

@@ -8,7 +8,9 @@ the val transforms do) and ``orig_target_sizes`` [N, 2] int64 as (w, h); outputs
 H, W are fixed to the config's eval_spatial_size (anchors, position embeddings and DSET's patch grid and
 top-k count are constants of the graph). DSET's pruner is in the graph: top-k patches at the config's
 keep_ratio (as after warmup), gather, attention over the kept tokens, scatter back. MoE layers are exported
-in dense dispatch (every expert on every token, weighted by the top-k routing; same outputs).
+in gather dispatch by default (per expert, its tokens found with NonZero, gathered, run, scatter-added back:
+the top-k work only); ``--moe-dispatch dense`` exports every expert on every token, weighted by the top-k
+routing (static shapes for runtimes that want them, E / top_k x the expert work). Same outputs either way.
 
 Exporter: the TorchScript-based ``torch.onnx.export(..., dynamo=False)``, opset 17; it needs only the
 ``onnx`` package (no onnxscript), works offline. ``--check`` runs onnxruntime (CPU) on a random input of
@@ -34,6 +36,9 @@ def parse_args(argv=None):
     p.add_argument("-u", "--update", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--out", required=True, help="output .onnx file")
     p.add_argument("--check", action="store_true", help="compare onnxruntime with PyTorch on a random input")
+    p.add_argument("--moe-dispatch", choices=("gather", "dense"), default="gather",
+                   help="MoE layers in the graph: gather (default: each expert on its own tokens, NonZero shapes) "
+                        "or dense (every expert on every token: static shapes, E / top_k x the expert work)")
     p.add_argument("--trust-checkpoint", action="store_true", help="load legacy pickled checkpoints (runs code)")
     args = p.parse_args(argv)
     if bool(args.resume) == bool(args.random_weights):
@@ -80,7 +85,8 @@ def main(argv=None) -> int:
         return 2
     if args.random_weights:
         print("WARNING: exporting RANDOM weights (--random-weights): for tests only", file=sys.stderr)
-    n_moe = set_moe_dispatch(model, "dense")
+    # sorted traces as gather (MoEFFN.resolved_dispatch); dense traces as dense
+    n_moe = set_moe_dispatch(model, "dense" if args.moe_dispatch == "dense" else "sorted")
     deploy = DeployModel(model, post).eval()
     export(deploy, args.out, hw)
     if cfg.checkpoint_classes is not None:
@@ -93,7 +99,7 @@ def main(argv=None) -> int:
     for line in pruning_summary(model):
         print("  " + line)
     if n_moe:
-        print(f"  {n_moe} MoE layers in dense dispatch")
+        print(f"  {n_moe} MoE layers in {args.moe_dispatch} dispatch")
     if args.check:
         diff = check(deploy, args.out, hw)
         print(f"onnxruntime vs PyTorch (random input, batch 2): max |d scores| {diff['max_abs_diff_scores']:.2e}, "

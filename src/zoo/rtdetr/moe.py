@@ -28,6 +28,10 @@ _ACTIVATIONS = ("relu", "gelu", "silu")  # built with src.nn.activation.get_acti
 #   dense:  every expert runs on every token, the top-k weights select (E / top_k x the expert work, static
 #           shapes, no host read): what graph export needs, and what keeps a GPU step free of syncs;
 #   auto:   dense on CUDA, sorted elsewhere (on a CPU a host read costs nothing, FLOPs do).
+# Graph export (tracing) cannot keep the sorted form (its group sizes would become constants): it traces
+#   gather: per expert, its assignments found with nonzero (ONNX NonZero: a shape the runtime computes),
+#           gathered, run and scatter-added back (top_k / E of the dense work), unless dispatch is
+#           explicitly dense (runtimes that want static shapes, e.g. TensorRT).
 MOE_DISPATCHES = ("auto", "sorted", "dense")
 _EXPERT_PARAMS = (("w1", "linear1.weight"), ("b1", "linear1.bias"), ("w2", "linear2.weight"), ("b2", "linear2.bias"))
 
@@ -160,11 +164,26 @@ class MoEFFN(nn.Module):
         y_assign[order] = y_sorted                                                   # back to [T*K] order
         return (top_weight.unsqueeze(-1).to(y_assign.dtype) * y_assign.view(num_tokens, k, -1)).sum(1)
 
+    def _gathered(self, flat: torch.Tensor, top_idx: torch.Tensor, top_weight: torch.Tensor) -> torch.Tensor:
+        """Per expert: its (token, slot) assignments by ``nonzero``, the tokens gathered, the expert run on
+        them and the weighted outputs scatter-added back -> [T, D]. The work of ``sorted`` with shapes a graph
+        computes at run time (ONNX NonZero / Gather / ScatterElements add): what graph export traces."""
+        out = torch.zeros_like(flat)
+        index_cols = flat.shape[1]
+        for e in range(self.num_experts):  # loop over experts, never over tokens
+            token, slot = (top_idx == e).nonzero(as_tuple=True)                     # [A_e] each
+            h = self.activation(F.linear(flat.index_select(0, token), self.w1[e], self.b1[e]))
+            y = F.linear(self.dropout(h), self.w2[e], self.b2[e])                   # [A_e, D]
+            y = y * top_weight[token, slot].unsqueeze(-1).to(y.dtype)
+            out = out.scatter_add(0, token.unsqueeze(-1).expand(-1, index_cols), y.to(out.dtype))
+        return out
+
     def resolved_dispatch(self, device: torch.device) -> str:
-        """``sorted`` or ``dense``: what ``dispatch`` means for inputs on ``device`` (always dense under graph
-        export or tracing)."""
+        """``sorted``, ``dense`` or (graph export / tracing only) ``gather``: what ``dispatch`` means for
+        inputs on ``device``."""
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            return "dense"  # the sorted form's group sizes would be frozen into the graph as constants
+            # the sorted form's group sizes would be frozen into the graph as constants
+            return "dense" if self.dispatch == "dense" else "gather"
         if self.dispatch != "auto":
             return self.dispatch
         return "dense" if device.type == "cuda" else "sorted"
@@ -184,7 +203,8 @@ class MoEFFN(nn.Module):
 
         probs, top_idx, top_weight = self.route(flat)
         dispatch = self.resolved_dispatch(flat.device)
-        out = (self._dense if dispatch == "dense" else self._sorted)(flat, top_idx, top_weight)
+        run = {"dense": self._dense, "sorted": self._sorted, "gather": self._gathered}[dispatch]
+        out = run(flat, top_idx, top_weight)
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             self.last_aux = None  # no balance statistics in an exported graph
             return out.view_as(x)
