@@ -348,3 +348,38 @@ def test_criterion_rejects_unknown_losses_and_mismatched_weights():
         RTDETRCriterionv2(matcher, {"loss_vfl": 1, "loss_bbox": 5}, ["vfl", "boxes"])
     with pytest.raises(KeyError, match="loss_gio"):
         RTDETRCriterionv2(matcher, {**WEIGHTS, "loss_gio": 2}, ["vfl", "boxes"])
+
+
+class ReversingMatcher(HungarianMatcher):
+    """A user's matcher that overrides only forward: Hungarian, then every image's pairs in reverse order
+    of targets (a permutation that changes the loss), counting its calls."""
+    calls = 0
+
+    def forward(self, outputs, targets):
+        ReversingMatcher.calls += 1
+        indices = super().forward(outputs, targets)["indices"]
+        return {"indices": [(q, t.flip(0)) for q, t in indices]}
+
+
+class BatchingMatcher(ReversingMatcher):
+    def match_many(self, calls, names=()):
+        return [self.forward(o, t) for o, t in calls]
+
+
+def test_a_matcher_overriding_only_forward_is_called_for_every_layer_not_bypassed_by_match_many():
+    assert criterion_module.batches_its_forward(HungarianMatcher(COSTS))
+    assert not criterion_module.batches_its_forward(ReversingMatcher(COSTS))
+    assert criterion_module.batches_its_forward(BatchingMatcher(COSTS))  # it batches its own forward
+    assert not criterion_module.batches_its_forward(FixedMatcher([]))
+    g = torch.Generator().manual_seed(3)
+    targets = make_targets([3, 2], 4, g)
+    outputs = make_outputs(2, 6, 4, g, num_layers=2)
+    ReversingMatcher.calls = 0
+    losses = make_criterion(4, matcher=ReversingMatcher(COSTS))(outputs, targets)
+    assert ReversingMatcher.calls == 3  # final, one aux, one encoder layer
+    # the same loss as the stand-in matcher given the reversed pairs of the final layer
+    reversed_final = ReversingMatcher(COSTS)(outputs, targets)["indices"]
+    reference = make_criterion(4, matcher=FixedMatcher(reversed_final))(
+        {k: outputs[k] for k in ("pred_logits", "pred_boxes")}, targets)
+    torch.testing.assert_close(losses["loss_bbox"], reference["loss_bbox"])
+    assert not torch.allclose(losses["loss_bbox"], make_criterion(4)(outputs, targets)["loss_bbox"])

@@ -147,6 +147,17 @@ def check_num_classes(logits: Tensor, num_classes: int, where: str) -> None:
                          f"outputs); make the model's num_classes match the config's num_classes")
 
 
+def batches_its_forward(matcher) -> bool:
+    """Whether ``matcher.match_many`` may stand in for its ``forward``: it has one, defined in the class that
+    defines ``forward`` or in a subclass of it. A matcher subclass that overrides only ``forward`` is called
+    per layer (its inherited ``match_many`` would bypass the override)."""
+    cls = type(matcher)
+    if not callable(getattr(matcher, "match_many", None)):
+        return False
+    definer = lambda attr: next((c for c in cls.__mro__ if attr in vars(c)), object)  # noqa: E731
+    return issubclass(definer("match_many"), definer("forward"))
+
+
 @register()
 class RTDETRCriterionv2(nn.Module):
     """RT-DETRv2 loss.
@@ -212,7 +223,7 @@ class RTDETRCriterionv2(nn.Module):
             check_num_classes(layer_outputs["pred_logits"], num_classes, where)
             preds.append(({"pred_logits": layer_outputs["pred_logits"], "pred_boxes": layer_outputs["pred_boxes"]},
                           targets))
-        if hasattr(self.matcher, "match_many"):
+        if batches_its_forward(self.matcher):
             results = self.matcher.match_many(preds, names=[f"outputs{c[3]}" for c in calls])
         else:
             results = [self.matcher(pred, targets) for pred, targets in preds]
