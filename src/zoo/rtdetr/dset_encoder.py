@@ -77,6 +77,12 @@ class DSETHybridEncoder(HybridEncoder):
         b, n, c = src.shape
         gather_idx = kept_idx.unsqueeze(-1).expand(-1, -1, c)
         kept_pos = pos_embed.expand(b, -1, -1).gather(1, gather_idx)
+        patch = self.pruners[enc_i].patch_size
+        if int(hw[0]) % patch == 0 and int(hw[1]) % patch == 0:
+            # whole patches (a static fact of the map size): every slot is a real cell, so the attention needs
+            # no key-padding mask (the mask-free kernel) and the scatter no scratch row; same outputs
+            memory = self.encoder[enc_i](kept, pos_embed=kept_pos)
+            return src.scatter(1, gather_idx, memory.to(src.dtype))
         valid = info["kept_valid"]
         memory = self.encoder[enc_i](kept, pos_embed=kept_pos, src_key_padding_mask=~valid)
         # scatter valid slots back; invalid slots go to a scratch row n that is dropped afterwards
