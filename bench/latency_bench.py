@@ -350,12 +350,20 @@ def run_bench(args) -> dict:
                                      "kept_fraction": kept, "run": 0})
                         print(_row_line(rows[-1]), flush=True)
                     del variants
-    argv = [a if a != args.official else "PATH/" + Path(a).name for a in sys.argv[1:]]  # no machine's path
+    argv = [scrub_path(a, args.official) for a in sys.argv[1:]]
     meta = {"date": datetime.date.today().isoformat(), "command": "python -m bench.latency_bench "
             + " ".join(argv), "quick": args.quick, "machine": machine(),
             "note": "random weights; FLOPs at batch 1 x batch; per-stage runs synchronise at stage "
                     "boundaries; onnxruntime rows: MoE in gather dispatch"}
     return {"meta": meta, "runs": [meta], "rows": rows}
+
+
+def scrub_path(arg: str, path) -> str:
+    """``arg`` with the ``--official`` folder replaced by PATH/<its name>: results name no machine's path."""
+    if not path:
+        return arg
+    short = "PATH/" + Path(path).name
+    return short if arg == path else ("--official=" + short if arg == "--official=" + path else arg)
 
 
 def merge_results(old: dict, new: dict) -> dict:

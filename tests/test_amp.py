@@ -217,3 +217,19 @@ def test_evaluation_runs_under_the_training_autocast_and_postprocesses_float32(t
 def test_eval_amp_key_is_validated(tmp_path, data_root):
     with pytest.raises(ConfigError, match=r"eval_amp.*'on'.*true, false or null"):
         tiny_trainer(tmp_path, data_root, {"eval_amp": "on"})
+
+
+@pytest.mark.parametrize("eval_amp, use_amp, dtype, device, expected", [
+    (None, True, torch.bfloat16, "cpu", True), (None, True, torch.float16, "cuda", True),
+    (None, True, torch.float16, "cpu", False),   # float16 autocast on CPU: evaluation stays float32
+    (None, False, torch.bfloat16, "cpu", False), (True, False, torch.bfloat16, "cpu", True),
+    (False, True, torch.float16, "cuda", False)])
+def test_eval_amp_follows_use_amp_except_float16_on_cpu(eval_amp, use_amp, dtype, device, expected):
+    from src.solver.trainer import eval_amp_for
+    assert eval_amp_for(eval_amp, use_amp, dtype, torch.device(device)) is expected
+
+
+def test_explicit_eval_amp_with_float16_on_cpu_warns(capsys):
+    from src.solver.trainer import eval_amp_for
+    assert eval_amp_for(True, True, torch.float16, torch.device("cpu")) is True
+    assert "50x slower" in capsys.readouterr().out

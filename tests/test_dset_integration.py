@@ -38,9 +38,11 @@ def test_keep_ratio_one_gives_exactly_the_plain_encoder_output():
     assert [info["pruned"] for info in pruned.last_prune_info] == [False, False]
 
 
-def test_pruned_cells_keep_their_projected_features_and_kept_cells_are_attended():
+@pytest.mark.parametrize("h, w", [(96, 160), (128, 192)], ids=["partial_patches_masked", "whole_patches_unmasked"])
+def test_pruned_cells_keep_their_projected_features_and_kept_cells_are_attended(h, w):
+    # P5 is 3x5 (partial patches: key-padding mask, scratch row) or 4x6 (whole patches: neither)
     plain, pruned = encoders(keep_ratio=0.3)
-    x = feats()
+    x = feats(h=h, w=w)
     with torch.no_grad():
         level = 2
         proj = pruned.input_proj[level](x[level])

@@ -362,8 +362,9 @@ class ReversingMatcher(HungarianMatcher):
 
 
 class BatchingMatcher(ReversingMatcher):
-    def match_many(self, calls, names=()):
-        return [self.forward(o, t) for o, t in calls]
+    def match_many(self, calls, names=()):  # batches and reverses, as its forward does
+        return [{"indices": [(q, t.flip(0)) for q, t in r["indices"]]}
+                for r in HungarianMatcher.match_many(self, calls, names)]
 
 
 def test_a_matcher_overriding_only_forward_is_called_for_every_layer_not_bypassed_by_match_many():

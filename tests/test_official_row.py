@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import src.core
-from bench.latency_bench import speed_vs_official
+from bench.latency_bench import scrub_path, speed_vs_official
 from bench.official_model import OFFICIAL_CONFIG, check_same_outputs, load_official
 
 FAKE_CORE = '''
@@ -96,3 +96,9 @@ def test_speed_against_the_official_row_is_official_over_model_per_setting():
                                row("plain_p5", 10.0, batch=8)])
     assert lines == ["", "- speed against the official implementation, cpu float32 64x64 batch 1 (official median / "
                          "model median, > 1 is faster): plain_p5 1.250x, dset_k0.3_moe 0.800x"]
+
+
+def test_the_recorded_command_names_no_machine_path():
+    path = "/some/machine/RT-DETR/rtdetrv2_pytorch"
+    assert [scrub_path(a, path) for a in ["--official", path, "--official=" + path, "--quick"]] == \
+        ["--official", "PATH/rtdetrv2_pytorch", "--official=PATH/rtdetrv2_pytorch", "--quick"]

@@ -39,8 +39,8 @@ GLOBAL_KEYS: Dict[str, str] = {
     "use_amp": "mixed precision (autocast + GradScaler for float16) on CUDA and CPU",
     "amp_dtype": "autocast dtype under use_amp: float16 (with GradScaler) or bfloat16 (no scaler); default "
                  "float16 on CUDA, bfloat16 on CPU (float16 autocast is about 50x slower there)",
-    "eval_amp": "evaluate under the autocast of use_amp / amp_dtype (null, default: follows use_amp; the eval "
-                "json's eval_dtype says which dtype ran)",
+    "eval_amp": "evaluate under the autocast of use_amp / amp_dtype (null, default: follows use_amp, except "
+                "float16 on CPU: float32; the eval json's eval_dtype says which dtype ran)",
     "amp_init_scale": "GradScaler's initial loss scale for float16 AMP (default 65536)",
     "sync_bn": "convert BatchNorm to SyncBatchNorm under DDP",
     "find_unused_parameters": "DDP find_unused_parameters",

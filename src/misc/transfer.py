@@ -33,6 +33,8 @@ def to_float32(tree):
         return tree.float() if tree.dtype in (torch.float16, torch.bfloat16) else tree
     if isinstance(tree, dict):
         return {k: to_float32(v) for k, v in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # a NamedTuple
+        return type(tree)(*(to_float32(v) for v in tree))
     if isinstance(tree, (list, tuple)):
         return type(tree)(to_float32(v) for v in tree)
     return tree

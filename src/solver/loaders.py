@@ -54,12 +54,13 @@ class EpochSampler(torch.utils.data.Sampler):
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self.epoch, self.passes = int(epoch), 0
         self.sampler.set_epoch(self.epoch)
-        self.worker_seed = loader_seed(self.seed, self.epoch, self.rank, train=True)
 
     def __iter__(self):
-        epoch, seed = self.epoch, self.worker_seed
+        # a second pass over the same epoch (not done by the trainer) re-seeds too, as fresh workers would
+        epoch, seed = self.epoch, loader_seed(self.seed, self.epoch, self.rank, train=True) + self.passes
+        self.passes += 1
         return (EpochIndex(int(i), epoch, seed) for i in self.sampler)
 
     def __len__(self) -> int:

@@ -58,6 +58,18 @@ def eval_scale_sizes(targets: List[dict], padded_hw) -> torch.Tensor:
     return orig * orig.new_tensor([pw, ph]) / resized
 
 
+def eval_amp_for(eval_amp, use_amp: bool, amp_dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether evaluation runs under autocast: ``eval_amp`` (validated true / false / null); null follows
+    ``use_amp``, except float16 on CPU (about 50x slower than float32 there: evaluation stays float32)."""
+    cpu_fp16 = device.type == "cpu" and amp_dtype == torch.float16
+    if eval_amp is None:
+        return use_amp and not cpu_fp16
+    if eval_amp and cpu_fp16 and dist.is_main_process():
+        print("warning: eval_amp with amp_dtype float16 on CPU: float16 autocast is about 50x slower than float32 "
+              "there; evaluation would be too (eval_amp: null evaluates in float32)")
+    return bool(eval_amp)
+
+
 class Trainer:
     def __init__(self, cfg: YAMLConfig, device: str = "cpu", output_dir: str | None = None,
                  seed: int | None = None, use_amp: bool | None = None, resume: str | None = None,
@@ -70,8 +82,7 @@ class Trainer:
         self.seed = cfg.get("seed", 0) if seed is None else seed
         self.use_amp = bool(cfg.get("use_amp", False) if use_amp is None else use_amp)  # CUDA and CPU alike
         self.amp_dtype = amp_dtype_for(cfg, self.device, self.use_amp)  # float16, or bfloat16 (default on CPU)
-        eval_amp = cfg.get("eval_amp")  # validated: true | false | null (follows use_amp)
-        self.eval_amp = self.use_amp if eval_amp is None else bool(eval_amp)
+        self.eval_amp = eval_amp_for(cfg.get("eval_amp"), self.use_amp, self.amp_dtype, self.device)
         self.resume_path, self.tuning_path, self.trusted = resume, tuning or cfg.get("tuning"), trusted_checkpoint
         self.test_only = test_only  # evaluation only: no training-set checks; a resume says what it evaluates
         self.epochs, self.print_freq = int(cfg.get("epochs", 1)), int(cfg.get("print_freq", 50))

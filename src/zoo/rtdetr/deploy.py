@@ -63,8 +63,9 @@ def load_detector(config: str, overrides: Sequence[str] | Mapping = (), checkpoi
 
 
 def set_moe_dispatch(model: nn.Module, dispatch: str) -> int:
-    """Set the dispatch (``MOE_DISPATCHES``: auto / sorted / dense) of every MoEFFN of ``model``; graph export
-    needs ``dense`` (static shapes, no host read). Returns the number of MoE layers set."""
+    """Set the dispatch (``MOE_DISPATCHES``: auto / sorted / dense) of every MoEFFN of ``model``. Graph export
+    traces ``dense`` as dense and the others as the gather dispatch (MoEFFN.resolved_dispatch). Returns the
+    number of MoE layers set."""
     if dispatch not in MOE_DISPATCHES:
         raise ValueError(f"set_moe_dispatch: dispatch={dispatch!r} is not one of {list(MOE_DISPATCHES)}")
     layers = [m for m in model.modules() if isinstance(m, MoEFFN)]
