@@ -225,11 +225,11 @@ def test_eval_amp_key_is_validated(tmp_path, data_root):
     (None, False, torch.bfloat16, "cpu", False), (True, False, torch.bfloat16, "cpu", True),
     (False, True, torch.float16, "cuda", False)])
 def test_eval_amp_follows_use_amp_except_float16_on_cpu(eval_amp, use_amp, dtype, device, expected):
-    from src.solver.trainer import eval_amp_for
+    from src.solver.train_step import eval_amp_for
     assert eval_amp_for(eval_amp, use_amp, dtype, torch.device(device)) is expected
 
 
 def test_explicit_eval_amp_with_float16_on_cpu_warns(capsys):
-    from src.solver.trainer import eval_amp_for
+    from src.solver.train_step import eval_amp_for
     assert eval_amp_for(True, True, torch.float16, torch.device("cpu")) is True
     assert "50x slower" in capsys.readouterr().out

@@ -177,11 +177,13 @@ def protocol_of(profile: Profile) -> dict:
 
 
 def git_commit() -> str:
-    """HEAD of the repository the tool runs from, '+dirty' when tracked files differ from it."""
+    """HEAD of the repository the tool runs from, '+dirty' when tracked files other than docs/results/ (the
+    tool's own outputs, which a seed run extends) differ from it."""
     try:
         head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=REPO,
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no', '--', '.',
+                                ':(exclude)docs/results'], cwd=REPO,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return 'unknown'

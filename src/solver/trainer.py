@@ -35,8 +35,8 @@ from src.solver.loaders import (build_loader, check_input_divisibility, check_lo
                                 check_training_data, iters_per_epoch, largest_stride, multiscale, start_epoch,
                                 prepare_val_data, training_classes)
 from src.solver.state import TrainState
-from src.solver.train_step import (NonFiniteLossError, StepSettings, amp_dtype_for, skip_buffers,  # noqa: F401
-                                   train_step)
+from src.solver.train_step import (NonFiniteLossError, StepSettings, amp_dtype_for, eval_amp_for,  # noqa: F401
+                                   skip_buffers, train_step)
 
 
 def set_epoch_everywhere(model: nn.Module, epoch: int):
@@ -56,18 +56,6 @@ def eval_scale_sizes(targets: List[dict], padded_hw) -> torch.Tensor:
     orig = torch.stack([t["orig_size"] for t in targets]).float()
     resized = torch.stack([t["size"] for t in targets]).float()
     return orig * orig.new_tensor([pw, ph]) / resized
-
-
-def eval_amp_for(eval_amp, use_amp: bool, amp_dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether evaluation runs under autocast: ``eval_amp`` (validated true / false / null); null follows
-    ``use_amp``, except float16 on CPU (about 50x slower than float32 there: evaluation stays float32)."""
-    cpu_fp16 = device.type == "cpu" and amp_dtype == torch.float16
-    if eval_amp is None:
-        return use_amp and not cpu_fp16
-    if eval_amp and cpu_fp16 and dist.is_main_process():
-        print("warning: eval_amp with amp_dtype float16 on CPU: float16 autocast is about 50x slower than float32 "
-              "there; evaluation would be too (eval_amp: null evaluates in float32)")
-    return bool(eval_amp)
 
 
 class Trainer:
