@@ -33,7 +33,7 @@ def test_every_variant_of_each_baseline_is_checked():
     names = {os.path.basename(p)[:-5] for p in VARIANTS}
     for base in BASELINES:
         for v in ('A', 'B', 'C', 'balanced', 'area_patch', 'B_r0.3', 'C_r0.3', 'balanced_r0.3', 'area_patch_r0.3',
-                  'perlevel'):
+                  'perlevel', 'patch_r0.3'):
             assert f'{base}_{v}' in names
 
 
@@ -50,7 +50,7 @@ def test_variant_differs_from_its_baseline_in_exactly_the_keys_its_header_names(
     # the normalisation-only variants: the value is the one of the file's name
     name = os.path.basename(path)[len(baseline) - 4:-5]
     expected_norm = {'B': 'object', 'C': 'object_area', 'balanced': 'object_balanced', 'area_patch': 'area_patch',
-                     'A': 'patch', 'perlevel': ['object_balanced', 'area_patch']}[name.removesuffix('_r0.3')]
+                     'A': 'patch', 'patch': 'patch', 'perlevel': ['object_balanced', 'area_patch']}[name.removesuffix('_r0.3')]
     assert variant['dset.cass_normalization'] == expected_norm
     assert variant['dset.cass_expansion_ratio'] == (0.3 if name.endswith('_r0.3') or name in ('A', 'perlevel')
                                                     else 0.8)
