@@ -39,8 +39,9 @@ def seed_worker(seed: int, worker_id: int) -> None:
 def sync_epoch(dataset, item):
     """The plain index of ``item`` (an int, or an :class:`EpochIndex` from a training loader's sampler).
 
-    On the first ``EpochIndex`` of an epoch (or of another pass over it: another seed) in this process: ``dataset.set_epoch(epoch)``, ``set_epoch`` on
-    each of ``dataset.epoch_listeners`` and, inside a loader worker, :func:`seed_worker`."""
+    On the first ``EpochIndex`` of an epoch (or of another pass over it: another seed) in this process:
+    ``dataset.set_epoch(epoch)``, ``set_epoch`` on each of ``dataset.epoch_listeners`` and, inside a loader
+    worker, :func:`seed_worker`."""
     if not isinstance(item, EpochIndex):
         return item
     if getattr(dataset, "_synced_epoch", None) != (item.epoch, item.seed):  # a new epoch, or a new pass of it

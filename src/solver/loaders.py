@@ -82,8 +82,8 @@ def build_loader(cfg, key: str, train: bool, seed: int, device: torch.device) ->
     if total_bs % world != 0:
         raise ConfigError(f"{cfg.where((key, 'total_batch_size'))}: {total_bs} is not divisible by "
                           f"the number of processes ({world})")
-    # the order comes from the sampler (seed + set_epoch); the generator seeds the loader workers and is
-    # re-seeded every epoch from (seed, epoch, rank), so worker augmentations never depend on the global RNGs
+    # the order comes from the sampler (seed + set_epoch); training workers are re-seeded per epoch from
+    # (seed, epoch, rank) by EpochSampler / sync_epoch, so worker augmentations never depend on the global RNGs
     if train:
         sampler = EpochSampler(DistributedSampler(dataset, num_replicas=world, rank=dist.get_rank(),
                                                   shuffle=bool(section.get("shuffle", train)), seed=seed,

@@ -124,14 +124,15 @@ class MoEFFN(nn.Module):
         top_logit, top_idx = logits.topk(self.top_k, dim=-1)
         return logits.softmax(-1), top_idx, top_logit.softmax(-1)
 
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e``'s FFN on its tokens x [A, D] -> [A, D]."""
+        h = self.dropout(self.activation(F.linear(x, self.w1[e], self.b1[e])))
+        return F.linear(h, self.w2[e], self.b2[e])
+
     def _experts(self, x_sorted: torch.Tensor, counts: list) -> torch.Tensor:
         """Run expert e on its contiguous slice of ``x_sorted`` [A, D] (slices sized ``counts``) -> [A, D]."""
-        outputs = []
-        for e, x_e in enumerate(torch.split(x_sorted, counts)):  # loop over experts, never over tokens
-            if x_e.shape[0] == 0:
-                continue
-            h = self.dropout(self.activation(F.linear(x_e, self.w1[e], self.b1[e])))
-            outputs.append(F.linear(h, self.w2[e], self.b2[e]))
+        outputs = [self._expert(e, x_e) for e, x_e in enumerate(torch.split(x_sorted, counts))  # per expert
+                   if x_e.shape[0] > 0]
         return torch.cat(outputs, 0)
 
     def _dense(self, flat: torch.Tensor, top_idx: torch.Tensor, top_weight: torch.Tensor) -> torch.Tensor:
@@ -172,8 +173,7 @@ class MoEFFN(nn.Module):
         index_cols = flat.shape[1]
         for e in range(self.num_experts):  # loop over experts, never over tokens
             token, slot = (top_idx == e).nonzero(as_tuple=True)                     # [A_e] each
-            h = self.activation(F.linear(flat.index_select(0, token), self.w1[e], self.b1[e]))
-            y = F.linear(self.dropout(h), self.w2[e], self.b2[e])                   # [A_e, D]
+            y = self._expert(e, flat.index_select(0, token))                          # [A_e, D]
             y = y * top_weight[token, slot].unsqueeze(-1).to(y.dtype)
             out = out.scatter_add(0, token.unsqueeze(-1).expand(-1, index_cols), y.to(out.dtype))
         return out
