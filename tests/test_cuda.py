@@ -1,6 +1,6 @@
 """CUDA checks (skipped without a GPU; `bench/gpu_check.py` runs them): AMP steps in float16 and bfloat16 with a
 forced overflow, the CASS loss and deformable attention under autocast against float32, resume CUDA -> CPU ->
-CUDA, and the postprocessor on CUDA against CPU. NOT run yet: this repository has not had a GPU."""
+CUDA, the postprocessor on CUDA against CPU, and the DSET detector and its criterion on CUDA against CPU."""
 from __future__ import annotations
 
 import pytest
@@ -89,3 +89,59 @@ def test_postprocessor_on_cuda_matches_cpu():
     for r, c in zip(ref, got):
         for k in r:
             torch.testing.assert_close(c[k].cpu(), r[k])
+
+
+def _to(tree, device):
+    """``tree`` (dicts, lists, tuples of tensors and plain values) with every tensor moved to ``device``."""
+    if torch.is_tensor(tree):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {k: _to(v, device) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to(v, device) for v in tree)
+    return tree
+
+
+@pytest.fixture
+def exact_float32():
+    """float32 matmuls and convolutions without TF32 on CUDA, restored after the test."""
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.set_float32_matmul_precision(saved[0])
+    torch.backends.cudnn.allow_tf32 = saved[1]
+
+
+def test_dset_detector_and_its_losses_on_cuda_match_cpu(exact_float32):
+    """The full DSET R18 model (pruner at keep 0.3 from the first step, MoE: sorted dispatch on the CPU, the CUDA
+    default on the GPU) gives the CPU's detections on CUDA with the same weights, and the criterion (matcher,
+    VFL, boxes, denoising, CASS, MoE balance) gives the CPU's losses for the same outputs."""
+    import copy
+
+    torch.manual_seed(0)
+    cfg = YAMLConfig("configs/dset4_r18_synth_cpu.yaml",
+                     overrides=["input_size=[128, 128]", "dset.token_pruning_warmup_epochs=0"])
+    model, criterion = cfg.model, cfg.criterion
+    images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    targets = [{"labels": torch.tensor([0, 3, 1]),
+                "boxes": torch.tensor([[0.2, 0.2, 0.1, 0.1], [0.7, 0.8, 0.4, 0.3], [0.5, 0.4, 0.2, 0.3]])},
+               {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.3, 0.7, 0.3, 0.2]])}]
+    gpu_model = copy.deepcopy(model).cuda().eval()
+    with torch.no_grad():
+        ref = model.eval()(images)
+        got = gpu_model(images.cuda())
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(got[key].cpu(), ref[key], atol=2e-4, rtol=1e-3)
+    for r, g in zip(ref["dset_prune_info"], got["dset_prune_info"]):  # the same patches kept
+        torch.testing.assert_close(g["patch_importance_scores"].cpu(), r["patch_importance_scores"],
+                                   atol=2e-4, rtol=1e-3)
+
+    torch.manual_seed(2)
+    outputs = model.train()(images, targets)  # denoising and routing noise drawn once, on the CPU
+    outputs = {k: v.detach() if torch.is_tensor(v) else v for k, v in outputs.items()}
+    ref_losses = criterion(outputs, targets, epoch=0)
+    got_losses = copy.deepcopy(criterion).cuda()(_to(outputs, "cuda"), _to(targets, "cuda"), epoch=0)
+    assert sorted(got_losses) == sorted(ref_losses)
+    for key, value in ref_losses.items():
+        torch.testing.assert_close(got_losses[key].cpu(), value.detach(), atol=1e-5, rtol=1e-4, msg=key)
