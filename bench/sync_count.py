@@ -6,11 +6,13 @@
 Runs ``--steps`` real training steps through the trainer (``train.py``'s Trainer, its data and model) and
 counts, inside ``train_step`` only (logging steps, hooks and evaluation are outside it):
 
-- on any device: calls that read a tensor value on the host: ``.item()`` / ``bool(t)`` / ``float(t)``
+- on a CPU: calls that read a tensor value on the host: ``.item()`` / ``bool(t)`` / ``float(t)``
   (aten ``_local_scalar_dense``), ``nonzero`` (output size depends on the data), ``.tolist()`` and ``.cpu()``,
-  by the calling file and line (not ``.numpy()``: it refuses a device tensor, so it never waits for one);
-- on CUDA in addition: the synchronisations ``torch.cuda.set_sync_debug_mode("warn")`` reports (blocking
-  copies included).
+  indexing with a boolean mask (``bool_mask_index``: a ``nonzero`` on CUDA, inside the kernel on a CPU), by the
+  calling file and line (not ``.numpy()``: it refuses a device tensor, so it never waits for one);
+- on CUDA instead: every synchronisation ``torch.cuda.set_sync_debug_mode("warn")`` reports (blocking copies
+  included), by the repository line it comes from (``--explain-backward`` names the forward call of a sync
+  inside the backward pass).
 
 Not counted: reads of the optimizer's step counts (host tensors on every device). On CPU the count is still an
 upper bound of the GPU one: a read of a tensor that is already on the host would be counted though it would
@@ -29,7 +31,7 @@ import tempfile
 import traceback
 import warnings
 from pathlib import Path
-from typing import Counter, List
+from typing import Counter, List, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -39,6 +41,18 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 SYNC_OPS = {"_local_scalar_dense", "nonzero"}
+INDEX_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
+
+
+def boolean_mask_index(name: str, args) -> bool:
+    """An indexing op with a boolean mask: on CUDA it turns the mask into indices with ``nonzero`` (a host wait),
+    which on a CPU happens inside the kernel, out of this counter's sight. ``x[mask] = scalar`` is a
+    ``masked_fill_`` on CUDA (no wait) and is not counted."""
+    if name not in INDEX_OPS or len(args) < 2:
+        return False
+    if not any(torch.is_tensor(i) and i.dtype in (torch.bool, torch.uint8) for i in args[1] or ()):
+        return False
+    return name == "index" or not (len(args) > 2 and torch.is_tensor(args[2]) and args[2].dim() == 0)
 TENSOR_METHODS = ("tolist", "cpu")  # not .numpy(): it refuses a device tensor, so it never waits for one
 
 
@@ -67,6 +81,8 @@ class SyncCounter(TorchDispatchMode):
                 args[0].data_ptr() in self._host
             if not host:
                 self.counts[(name, _caller())] += 1
+        elif boolean_mask_index(name, args):
+            self.counts[("bool_mask_index", _caller())] += 1
         return func(*args, **(kwargs or {}))
 
     def __enter__(self):
@@ -86,39 +102,107 @@ class SyncCounter(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
-def count_steps(config: str, overrides: List[str], steps: int, device: str) -> List[Counter]:
-    """The counts of each of ``steps`` training steps of the config's trainer."""
+class CudaSyncLog:
+    """Every synchronisation CUDA's checker (``torch.cuda.set_sync_debug_mode("warn")``) reports while active, each
+    occurrence (the ``always`` filter: Python would show a warning once per place), as ``counts[("cuda_sync",
+    where)]``: ``where`` is the repository line the sync comes from (the innermost frame of the repository's code
+    at the moment of the warning), plus the innermost torch frame when the sync is inside torch (a backward pass,
+    a GradScaler)."""
+
+    def __init__(self):
+        self.counts: Counter = collections.Counter()
+        self._catch = warnings.catch_warnings()
+
+    def _show(self, message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message).lower():
+            return self._previous(message, category, filename, lineno, file, line)
+        where = _caller()
+        inner = Path(filename)
+        if REPO not in inner.parents:  # e.g. torch/autograd/graph.py: the backward pass, called from `where`
+            where += f" (in {inner.parent.name}/{inner.name}:{lineno})"
+        self.counts[("cuda_sync", where)] += 1
+
+    def __enter__(self):
+        self._catch.__enter__()
+        warnings.simplefilter("always")
+        self._previous, warnings.showwarning = warnings.showwarning, self._show
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode(0)
+        return self._catch.__exit__(*exc)
+
+
+class BackwardSync(Exception):
+    """A synchronisation inside a backward pass (``explain_backward_sync``)."""
+
+
+def explain_backward_sync(step, *args, **kwargs) -> Optional[str]:
+    """Run one training ``step`` with autograd's anomaly mode (it records each node's forward call) and CUDA's
+    checker set to raise inside the backward pass: the first synchronising backward node raises, and anomaly mode
+    prints (a warning, on stderr) the forward line that made it. Returns the error, or None when the backward
+    pass did not synchronise."""
+    original = torch.autograd.backward
+
+    def backward(*a, **k):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return original(*a, **k)
+        except RuntimeError as e:
+            raise BackwardSync(str(e)) from e
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    torch.autograd.backward = backward
+    try:
+        with torch.autograd.set_detect_anomaly(True, check_nan=False):
+            step(*args, **kwargs)
+    except BackwardSync as e:
+        return str(e)
+    finally:
+        torch.autograd.backward = original
+    return None
+
+
+def count_steps(config: str, overrides: List[str], num_steps: int, device: str, explain: bool = False) -> List[Counter]:
+    """The counts of each of ``num_steps`` training steps of the config's trainer: on a CPU the host reads
+    (``SyncCounter``), on CUDA the synchronisations CUDA's own checker reports (``CudaSyncLog``: every host read
+    that waits for the GPU and every blocking copy, which ``SyncCounter`` cannot see; both at once would count a
+    read twice)."""
     import src.solver.trainer as trainer_module
     from src.core import YAMLConfig
 
-    cfg = YAMLConfig(config, overrides=overrides + [f"max_iters_per_epoch={steps}", "epochs=1", "print_freq=100000"])
+    cfg = YAMLConfig(config, overrides=overrides + [f"max_iters_per_epoch={num_steps}", "epochs=1",
+                                                    "print_freq=100000"])
     cfg.yaml_cfg.pop("val_dataloader", None)  # no evaluation: steps only
     trainer = trainer_module.Trainer(cfg, device=device, output_dir=tempfile.mkdtemp(prefix="sync_count_"))
     per_step: List[Counter] = []
     real = trainer_module.train_step
 
     def counted_step(*args, **kwargs):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()  # nothing of the step before is waited for inside it
+            if explain and len(per_step) == num_steps - 1:  # the last step: which forward call syncs in backward
+                print(f"backward sync: {explain_backward_sync(real, *args, **kwargs)}", flush=True)
+                raise BackwardSync("explained")
+            with CudaSyncLog() as log:
+                out = real(*args, **kwargs)
+            per_step.append(collections.Counter(log.counts))
+            return out
         # AdamW keeps its step counts as host tensors on every device (not fused / capturable): reading them is
         # no device sync, so they are not counted
         steps = [v for st in trainer.state.optimizer.state.values() for k, v in st.items() if k == "step"]
-        with SyncCounter(steps) as counter, warnings.catch_warnings(record=True) as caught:
-            if device.startswith("cuda"):
-                torch.cuda.set_sync_debug_mode("warn")
-            try:
-                out = real(*args, **kwargs)
-            finally:
-                if device.startswith("cuda"):
-                    torch.cuda.set_sync_debug_mode(0)
-        counts = collections.Counter(counter.counts)
-        for w in caught:
-            if "synchroniz" in str(w.message).lower():
-                counts[("cuda_sync", f"{Path(w.filename).name}:{w.lineno}")] += 1
-        per_step.append(counts)
+        with SyncCounter(steps) as counter:
+            out = real(*args, **kwargs)
+        per_step.append(collections.Counter(counter.counts))
         return out
 
     trainer_module.train_step = counted_step
     try:
         trainer.fit()
+    except BackwardSync:
+        pass
     finally:
         trainer_module.train_step = real
     return per_step
@@ -130,8 +214,10 @@ def main(argv=None) -> int:
     p.add_argument("-u", "--update", nargs="*", default=[], help="config overrides a.b=value")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--explain-backward", action="store_true",
+                   help="CUDA: run the last step with anomaly mode and print the forward call of a backward sync")
     args = p.parse_args(argv)
-    per_step = count_steps(args.config, args.update, args.steps, args.device)
+    per_step = count_steps(args.config, args.update, args.steps, args.device, args.explain_backward)
     where = collections.Counter()
     for counts in per_step[1:] or per_step:
         where.update(counts)

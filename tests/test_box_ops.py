@@ -1,4 +1,5 @@
 """Box ops: conversions, paired IoU and inverse sigmoid against torchvision.ops and hand-computed values."""
+import pytest
 import torch
 import torchvision.ops as tvops
 
@@ -64,3 +65,43 @@ def test_inverse_sigmoid_inverts_sigmoid_and_stays_finite_at_0_and_1():
     edges = inverse_sigmoid(torch.tensor([0.0, 1.0, -0.5, 1.5]))
     assert torch.isfinite(edges).all()
     assert edges[0] < -10 and edges[1] > 10
+
+
+def _box_pairs():
+    """Paired xyxy boxes covering overlap, containment, disjoint (both axes, one axis), shared edge, identity and
+    zero-area boxes, plus 200 random pairs."""
+    hand = torch.tensor([
+        [[0.0, 0.0, 2.0, 2.0], [1.0, 1.0, 3.0, 3.0]],    # overlap
+        [[0.0, 0.0, 4.0, 4.0], [1.0, 1.0, 2.0, 3.0]],    # containment
+        [[0.0, 0.0, 1.0, 1.0], [2.0, 2.0, 3.0, 3.0]],    # disjoint on both axes
+        [[0.0, 0.0, 1.0, 5.0], [2.0, 1.0, 3.0, 2.0]],    # overlapping in y, disjoint in x
+        [[0.0, 0.0, 1.0, 1.0], [1.0, 0.0, 2.0, 1.0]],    # a shared edge
+        [[0.2, 0.3, 0.6, 0.9], [0.2, 0.3, 0.6, 0.9]],    # identical
+        [[0.5, 0.5, 0.5, 0.5], [0.0, 0.0, 1.0, 1.0]],    # zero area inside another box
+    ])
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(200, 2, 2, generator=g)
+    wh = torch.rand(200, 2, 2, generator=g) * 0.5
+    rand = torch.cat([xy, xy + wh], -1)
+    return torch.cat([hand, rand]).double().unbind(1)
+
+
+def test_elementwise_giou_loss_equals_torchvision_values_and_gradients():
+    from src.zoo.rtdetr.box_ops import elementwise_giou_loss
+
+    a, b = _box_pairs()
+    ours = [t.clone().requires_grad_() for t in (a, b)]
+    ref = [t.clone().requires_grad_() for t in (a, b)]
+    got = elementwise_giou_loss(*ours, eps=1e-7)
+    want = tvops.generalized_box_iou_loss(*ref, reduction="none", eps=1e-7)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert got[:7].tolist() == pytest.approx([1 - (1 / 7 - 2 / 9), 1 - 2 / 16, 1 - (0 - 7 / 9), 1 - (0 - 9 / 15),
+                                              1.0, 0.0, 1 - 0.0], abs=1e-6)
+    weights = torch.rand(len(got), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (got * weights).sum().backward()
+    (want * weights).sum().backward()
+    # the shared-edge pair (index 4) is where clamp and torchvision's mask differ (a side of exactly 0)
+    keep = torch.ones(len(got), dtype=torch.bool)
+    keep[4] = False
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o.grad[keep], r.grad[keep], rtol=0, atol=1e-12)

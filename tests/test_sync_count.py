@@ -23,6 +23,23 @@ def test_the_counter_sees_item_bool_tolist_cpu_and_nonzero_and_nothing_else():
     assert torch.Tensor.tolist is not None and x.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # restored
 
 
+def test_the_counter_sees_boolean_mask_indexing_forward_and_backward_but_not_a_masked_fill():
+    """On CUDA ``x[mask]`` and ``x[mask] = values`` (and their backward) turn the mask into indices with a host
+    wait; on a CPU that happens inside the kernel, so the counter looks at the index arguments instead.
+    ``x[mask] = 0.0`` is a masked_fill on CUDA and waits for nothing."""
+    x = torch.arange(6.0, requires_grad=True)
+    mask = x.detach() > 2
+    with sync_count.SyncCounter() as c:
+        y = x[mask]                      # index with a mask: 1
+        z = torch.zeros(6)
+        z[mask] = y.detach()             # index_put_ of a tensor with a mask: 1
+        z[mask] = 0.0                    # masked_fill: not counted
+        x[torch.tensor([0, 2])].sum()    # integer indices: not counted
+        y.sum().backward()               # the backward of x[mask] indexes with the mask again: 1
+    assert collections_of(c.counts) == {"bool_mask_index": 3}
+    assert x.grad.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+
+
 def collections_of(counts):
     out = {}
     for (kind, _), n in counts.items():

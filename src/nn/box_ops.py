@@ -23,6 +23,25 @@ def elementwise_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Te
     return inter / (area1 + area2 - inter).clamp(min=eps)
 
 
+def elementwise_giou_loss(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
+    """1 - GIoU of paired xyxy boxes: [N, 4] x [N, 4] -> [N]; the values of torchvision's
+    ``generalized_box_iou_loss(reduction="none")`` without its boolean-mask indexing, which on a GPU makes the host
+    wait for the device five times in the forward pass and five more in the backward pass (``nonzero``): the
+    intersection is ``clamp(w, 0) * clamp(h, 0)`` instead of ``w * h`` where both are positive, else 0. Gradients
+    differ only where a side is exactly 0 (then torchvision's is 0)."""
+    if not boxes1.is_floating_point():
+        boxes1 = boxes1.float()
+    if not boxes2.is_floating_point():
+        boxes2 = boxes2.float()
+    x1, y1, x2, y2 = boxes1.unbind(-1)
+    x1g, y1g, x2g, y2g = boxes2.unbind(-1)
+    inter = (torch.min(x2, x2g) - torch.max(x1, x1g)).clamp(min=0) * \
+        (torch.min(y2, y2g) - torch.max(y1, y1g)).clamp(min=0)
+    union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - inter
+    hull = (torch.max(x2, x2g) - torch.min(x1, x1g)) * (torch.max(y2, y2g) - torch.min(y1, y1g))
+    return 1 - (inter / (union + eps) - (hull - union) / (hull + eps))
+
+
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     x = x.clamp(min=0.0, max=1.0)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))

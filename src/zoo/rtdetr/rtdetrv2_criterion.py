@@ -14,12 +14,11 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import generalized_box_iou_loss
 
 from src.core.registry import register
 from src.misc.dist import all_reduce_sum, get_world_size
 from src.misc.transfer import to_device
-from src.zoo.rtdetr.box_ops import box_cxcywh_to_xyxy, elementwise_box_iou
+from src.zoo.rtdetr.box_ops import box_cxcywh_to_xyxy, elementwise_box_iou, elementwise_giou_loss
 
 # loss name in ``losses`` -> keys of the terms it produces (each needs a weight in weight_dict)
 LOSS_TERMS = {"vfl": ("loss_vfl",), "boxes": ("loss_bbox", "loss_giou")}
@@ -50,7 +49,7 @@ def varifocal_loss(logits: Tensor, match: Match, labels: Tensor, scores: Tensor,
     logits = logits.float()
     where = (match.batch_idx, match.query_idx, labels)
     positive = torch.zeros_like(logits)
-    positive[where] = 1.0
+    positive[where] = torch.ones_like(scores, dtype=logits.dtype)  # a Python 1.0 would be a host-to-device copy
     target = torch.zeros_like(logits)
     target[where] = scores.detach().to(logits.dtype)
     prob = logits.detach().sigmoid()
@@ -67,8 +66,7 @@ def box_regression_losses(src_boxes: Tensor, tgt_boxes: Tensor,
     to the graph of ``src_boxes``) when N == 0.
     """
     loss_l1 = F.l1_loss(src_boxes, tgt_boxes, reduction="sum")
-    loss_giou = generalized_box_iou_loss(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes),
-                                         reduction="none", eps=GIOU_EPS)
+    loss_giou = elementwise_giou_loss(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes), eps=GIOU_EPS)
     if giou_weight is not None:
         loss_giou = loss_giou * giou_weight
     return {"loss_bbox": loss_l1, "loss_giou": loss_giou.sum()}
@@ -81,7 +79,7 @@ def matched_box_quality(src_boxes: Tensor, tgt_boxes: Tensor, kind: str) -> Tens
     if kind == "iou":
         return elementwise_box_iou(src, tgt)
     if kind == "giou":
-        return 1.0 - generalized_box_iou_loss(src, tgt, reduction="none", eps=GIOU_EPS)
+        return 1.0 - elementwise_giou_loss(src, tgt, eps=GIOU_EPS)
     raise ValueError(f"unknown box quality {kind!r}; use 'iou' or 'giou'")
 
 
