@@ -48,7 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from bench.official_model import check_same_outputs, load_official
 from src.core.run_config import config_path, merge_overrides
-from src.zoo.rtdetr.deploy import DeployModel, load_detector
+from src.zoo.rtdetr.deploy import DeployModel, fuse_for_inference, load_detector
 
 BASE_CONFIG = "dset4_r18_ratio0.3.yaml"   # under configs/
 KEEP_RATIOS = (1.0, 0.7, 0.5, 0.3)
@@ -77,12 +77,13 @@ def variant_overrides(name: str, hw: Sequence[int]) -> dict:
     return {**common, "dset": dset}
 
 
-def build(name: str, hw, device: str, extra: Sequence[str] = ()) -> DeployModel:
-    """A variant with random weights (seed 0); ``extra``: -u overrides on top of the variant's."""
+def build(name: str, hw, device: str, extra: Sequence[str] = (), fuse: bool = True) -> DeployModel:
+    """A variant with random weights (seed 0); ``extra``: -u overrides on top of the variant's. ``fuse``: as
+    deployed (``fuse_for_inference``: RepVGG blocks and conv-norm layers folded, as the tools run it)."""
     torch.manual_seed(0)
     _, model, post = load_detector(str(config_path(BASE_CONFIG)), merge_overrides(variant_overrides(name, hw), extra),
                                    random_weights=True, device=device)
-    return DeployModel(model, post).eval()
+    return DeployModel(fuse_for_inference(model) if fuse else model, post).eval()
 
 
 def tie_free_weights(model: torch.nn.Module, std: float = 0.05) -> dict:
@@ -94,7 +95,7 @@ def tie_free_weights(model: torch.nn.Module, std: float = 0.05) -> dict:
 
 def build_official(path: str, hw, device: str, extra: Sequence[str] = ()):
     """The official row at input ``hw``: checked against plain_p5 with the same (tie-free) weights on CPU."""
-    ours = build("plain_p5", hw, "cpu", extra)
+    ours = build("plain_p5", hw, "cpu", extra, fuse=False)  # the official model's state-dict keys
     weights = tie_free_weights(ours.model)
     ours.model.load_state_dict(weights)
     official = load_official(path, hw, ours.postprocessor.num_classes, weights, "cpu")

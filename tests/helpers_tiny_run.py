@@ -179,3 +179,20 @@ def one_thread_restored_torch_flags():
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(flag, warn_only=warn_only)
     torch.set_rng_state(rng)
+
+
+def assert_same_queries(got: dict, ref: dict, tol: float = 2e-3, max_moved: float = 0.03) -> None:
+    """Every query of ``got`` (``pred_logits`` and ``pred_boxes`` of each image) equals one of ``ref`` within ``tol``
+    (max abs difference relative to max(1, |value|)), one to one, and at most ``max_moved`` of the queries changed
+    place. Two computations of the same detector in another summation order (another device, folded weights) can
+    rank queries with near-equal encoder scores the other way round; anything else is a difference."""
+    from scipy.optimize import linear_sum_assignment
+
+    feats = [torch.cat([out["pred_logits"], out["pred_boxes"]], -1).detach().cpu().double() for out in (got, ref)]
+    for g, r in zip(*feats):  # per image: [Q, C + 4]
+        diff = ((g[:, None] - r[None]).abs() / r.abs().clamp(min=1)[None]).amax(-1)  # [Q, Q]
+        rows, cols = linear_sum_assignment(diff.numpy())
+        worst = diff[rows, cols].max().item()
+        assert worst <= tol, f"a query differs by {worst:.2e} (relative) from its best reference counterpart"
+        moved = (torch.as_tensor(cols) != torch.as_tensor(rows)).float().mean().item()
+        assert moved <= max_moved, f"{moved:.1%} of the queries changed place"

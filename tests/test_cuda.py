@@ -9,7 +9,7 @@ import torch
 from src.core import YAMLConfig
 from src.solver.trainer import Trainer
 from tests.helpers_tiny_run import one_thread_restored_torch_flags  # noqa: F401 (autouse fixture)
-from tests.helpers_tiny_run import final_tensors, make_tiny_dataset, write_tiny_config
+from tests.helpers_tiny_run import assert_same_queries, final_tensors, make_tiny_dataset, write_tiny_config
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -100,21 +100,6 @@ def _to(tree, device):
     if isinstance(tree, (list, tuple)):
         return type(tree)(_to(v, device) for v in tree)
     return tree
-
-
-def assert_same_queries(got: dict, ref: dict, tol: float = 2e-3, max_moved: float = 0.03) -> None:
-    """Every query of ``got`` (logits and boxes of each image) equals one of ``ref`` within ``tol`` (max abs
-    difference relative to max(1, |value|)), one to one, and at most ``max_moved`` of the queries changed place."""
-    from scipy.optimize import linear_sum_assignment
-
-    feats = [torch.cat([out["pred_logits"], out["pred_boxes"]], -1).detach().cpu().double() for out in (got, ref)]
-    for g, r in zip(*feats):  # per image: [Q, C + 4]
-        diff = ((g[:, None] - r[None]).abs() / r.abs().clamp(min=1)[None]).amax(-1)  # [Q, Q]
-        rows, cols = linear_sum_assignment(diff.numpy())
-        worst = diff[rows, cols].max().item()
-        assert worst <= tol, f"a query differs by {worst:.2e} (relative) from its best CPU counterpart"
-        moved = (torch.as_tensor(cols) != torch.as_tensor(rows)).float().mean().item()
-        assert moved <= max_moved, f"{moved:.1%} of the queries changed place"
 
 
 @pytest.fixture

@@ -23,8 +23,8 @@ import sys
 
 import torch
 
-from src.zoo.rtdetr.deploy import (OPSET, OUTPUT_NAMES, DeployModel, export, load_detector,  # noqa: F401
-                                   pruning_summary, set_moe_dispatch, write_class_metadata)
+from src.zoo.rtdetr.deploy import (OPSET, OUTPUT_NAMES, DeployModel, export, fuse_for_inference,  # noqa: F401
+                                   load_detector, pruning_summary, set_moe_dispatch, write_class_metadata)
 
 
 def parse_args(argv=None):
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         print("WARNING: exporting RANDOM weights (--random-weights): for tests only", file=sys.stderr)
     # sorted traces as gather (MoEFFN.resolved_dispatch); dense traces as dense
     n_moe = set_moe_dispatch(model, "dense" if args.moe_dispatch == "dense" else "sorted")
-    deploy = DeployModel(model, post).eval()
+    deploy = DeployModel(fuse_for_inference(model), post).eval()  # RepVGG and conv-norm folded (same outputs)
     export(deploy, args.out, hw)
     if cfg.checkpoint_classes is not None:
         write_class_metadata(args.out, cfg.checkpoint_classes)

@@ -33,7 +33,7 @@ import torch
 from src.data.classes import match_classes
 from src.data.coco_dataset import load_coco_json
 from src.misc.visualize import detection_figure, patch_rects
-from src.zoo.rtdetr.deploy import load_detector
+from src.zoo.rtdetr.deploy import fuse_for_inference, load_detector
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -153,6 +153,7 @@ def run(args) -> dict:
     cfg, model, post = load_detector(args.config, args.update, checkpoint=args.resume,
                                      random_weights=args.random_weights, trusted=args.trust_checkpoint,
                                      device=device)
+    fuse_for_inference(model)  # RepVGG and conv-norm folded: the same detections, fewer operators
     transforms, divisibility = val_pipeline(cfg)
     names, category_ids, known_ids = categories(cfg, cfg.checkpoint_classes)
     patch_size = cfg.dset.pruner.patch_size if cfg.dset is not None else None

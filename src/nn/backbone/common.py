@@ -2,6 +2,8 @@
 
 - ``get_activation(name)``: activation module from a config string.
 - ``ConvNormLayer``: conv (no bias) -> BatchNorm2d -> activation, keys ``conv.weight``, ``norm.*``.
+- ``fold_norm(conv_weight, conv_bias, norm)``: the weight and bias of one conv that equals conv -> norm in
+  inference; ``fold_conv_norm(module)`` applies it in place to a conv + norm pair for deployment.
 - ``FrozenBatchNorm2d`` and ``freeze_batch_norm2d``: BatchNorm with fixed statistics and affine
   parameters, with the same state-dict keys as ``nn.BatchNorm2d`` (``num_batches_tracked`` included),
   so checkpoints load into a model whether or not its norms are frozen.
@@ -13,6 +15,49 @@ from torch import nn
 
 from src.nn.activation import get_activation  # noqa: F401  (re-exported for the backbone and encoder)
 
+
+
+def fold_norm(weight: torch.Tensor, bias: torch.Tensor | None, norm: nn.Module) -> tuple:
+    """(weight, bias) of the conv equal to ``norm(conv(x))`` with the norm's running statistics (inference form).
+
+    weight [C_out, C_in, kh, kw], bias [C_out] or None; ``norm`` a BatchNorm2d or FrozenBatchNorm2d over C_out.
+    ``norm(y) = (y - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)`` per channel, so the folded conv has
+    ``weight * s`` and ``(bias - mean) * s + beta``.
+    """
+    if norm.running_mean is None:
+        raise ValueError("fold_norm: the norm keeps no running statistics (track_running_stats=False); it "
+                         "normalises by batch statistics and cannot be folded into a conv")
+    scale = (norm.running_var + norm.eps).rsqrt()
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    if bias is not None:
+        shift = shift + bias * scale
+    return weight * scale.reshape(-1, 1, 1, 1), shift
+
+
+@torch.no_grad()
+def fold_conv_norm(module: nn.Module) -> bool:
+    """Deployment only: a module whose children ``conv`` (Conv2d) and ``norm`` (BatchNorm2d / FrozenBatchNorm2d)
+    run in that order (``ConvNormLayer``, the encoder's and decoder's ``input_proj`` Sequentials) gets the norm
+    folded into the conv: the conv gains a bias, the norm becomes Identity; the same outputs in inference within
+    float rounding, one pass over the feature map less. Returns whether it folded (False: not such a module, or
+    already folded). Refuses a module in training mode (a folded layer no longer normalises by batch statistics)."""
+    conv, norm = getattr(module, "conv", None), getattr(module, "norm", None)
+    if not isinstance(conv, nn.Conv2d) or not isinstance(norm, NORMS):
+        return False
+    if module.training:
+        raise RuntimeError(f"fold_conv_norm: {type(module).__name__} is in training mode; call .eval() first "
+                           f"(folding uses the running statistics, for inference only)")
+    weight, bias = fold_norm(conv.weight, conv.bias, norm)
+    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                       conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode).to(weight)
+    folded.weight.copy_(weight)
+    folded.bias.copy_(bias)
+    module.conv, module.norm = folded.eval(), nn.Identity()
+    return True
 
 
 class ConvNormLayer(nn.Module):
@@ -31,6 +76,10 @@ class ConvNormLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.norm(self.conv(x)))
+
+    def fold_norm(self) -> None:
+        """Deployment only: fold the norm into the conv (``fold_conv_norm``)."""
+        fold_conv_norm(self)
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -95,3 +144,6 @@ def freeze_batch_norm2d(module: nn.Module) -> nn.Module:
         if new_child is not child:
             setattr(module, name, new_child)
     return module
+
+
+NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)  # the norms fold_conv_norm folds

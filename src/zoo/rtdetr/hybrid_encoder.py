@@ -40,7 +40,22 @@ class RepVggBlock(nn.Module):
         self.act = get_activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv2 is None:  # reparameterized for deployment
+            return self.act(self.conv1(x))
         return self.act(self.conv1(x) + self.conv2(x))
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Deployment only (RepVGG): merge both branches into one 3x3 conv with bias, as the official
+        ``convert_to_deploy`` does; the 1x1 kernel becomes the centre of a 3x3 one. The same outputs in inference
+        within float rounding; ``conv2`` becomes None. Needs eval mode (ConvNormLayer.fold_norm)."""
+        if self.conv2 is None:
+            return
+        self.conv1.fold_norm()
+        self.conv2.fold_norm()
+        self.conv1.conv.weight.add_(nn.functional.pad(self.conv2.conv.weight, [1, 1, 1, 1]))
+        self.conv1.conv.bias.add_(self.conv2.conv.bias)
+        self.conv2 = None
 
 
 class CSPRepLayer(nn.Module):

@@ -1,0 +1,106 @@
+"""Deployment reparameterization (``fuse_for_inference``): folded conv-norm layers and merged RepVGG blocks give
+the unfused model's outputs, checked against torch's own conv-BN fusion and the unfused modules."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from bench.latency_bench import tie_free_weights
+from src.nn.backbone.common import ConvNormLayer, FrozenBatchNorm2d, fold_norm
+from src.zoo.rtdetr.deploy import DeployModel, fuse_for_inference, load_detector
+from src.zoo.rtdetr.hybrid_encoder import RepVggBlock
+from tests.helpers_tiny_run import assert_same_queries
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm / FrozenBatchNorm non-trivial statistics and affine terms (a fresh model has mean 0,
+    var 1, weight 1, bias 0, which a wrong fold would get right by accident)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+                n = m.running_mean.numel()
+                m.running_mean.copy_(0.3 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+                m.weight.copy_(1 + 0.3 * torch.randn(n, generator=g))
+                m.bias.copy_(0.2 * torch.randn(n, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("norm_cls", [nn.BatchNorm2d, FrozenBatchNorm2d])
+@pytest.mark.parametrize("conv_bias", [False, True])
+def test_fold_norm_equals_torchs_conv_bn_fusion(norm_cls, conv_bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 3, 2, padding=1, bias=conv_bias).eval()
+    norm = randomize_norms(norm_cls(8)).eval()
+    weight, bias = fold_norm(conv.weight, conv.bias, norm)
+    bn = nn.BatchNorm2d(8).eval()  # torch's fusion reads a BatchNorm2d: copy the same statistics into one
+    bn.load_state_dict(norm.state_dict())
+    ref = fuse_conv_bn_eval(copy.deepcopy(conv), bn)
+    torch.testing.assert_close(weight, ref.weight, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(bias, ref.bias, rtol=1e-6, atol=1e-7)
+
+
+def test_a_folded_conv_norm_layer_gives_the_same_outputs_and_has_no_norm_left():
+    torch.manual_seed(0)
+    layer = randomize_norms(ConvNormLayer(6, 8, 3, 1, act="silu")).eval()
+    x = torch.randn(2, 6, 11, 13)
+    ref = layer(x)
+    layer.fold_norm()
+    assert isinstance(layer.norm, nn.Identity) and layer.conv.bias is not None
+    torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+    layer.fold_norm()  # a second call changes nothing
+    torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_reparameterized_repvgg_block_is_one_3x3_conv_with_the_same_outputs():
+    torch.manual_seed(0)
+    block = randomize_norms(RepVggBlock(8, 8, act="silu")).eval()
+    x = torch.randn(2, 8, 9, 12)
+    ref = block(x)
+    block.reparameterize()
+    assert block.conv2 is None and block.conv1.conv.kernel_size == (3, 3)
+    assert [type(m).__name__ for m in block.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))] == ["Conv2d"]
+    torch.testing.assert_close(block(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_folding_refuses_a_model_in_training_mode():
+    layer = ConvNormLayer(3, 4, 3, 1)
+    with pytest.raises(RuntimeError, match=r"ConvNormLayer is in training mode; call .eval"):
+        layer.fold_norm()
+    with pytest.raises(RuntimeError, match=r"ConvNormLayer is in training mode; call .eval"):
+        fuse_for_inference(nn.Sequential(layer))
+    block = RepVggBlock(4, 4)
+    with pytest.raises(RuntimeError, match=r"ConvNormLayer is in training mode; call .eval"):
+        block.reparameterize()
+
+
+@pytest.mark.parametrize("overrides, convs", [
+    # plain RT-DETRv2-R18: 69 convolutions (12 RepVGG blocks x 2 branches) become the official deploy model's 57
+    (["dset.enabled=false", "HybridEncoder.use_encoder_idx=[2]"], 57),
+    (["dset.keep_ratio=0.3", "dset.min_patches=1"], 57),  # DSET: the same conv stack, pruner untouched
+])
+def test_the_fused_detector_gives_the_unfused_detections(overrides, convs):
+    torch.manual_seed(0)
+    _, model, post = load_detector("configs/dset4_r18_ratio0.3.yaml", ["input_size=[128, 160]"] + overrides,
+                                   random_weights=True)
+    model.load_state_dict(tie_free_weights(model))  # random init scores many queries alike (bench/latency_bench.py)
+    randomize_norms(model)
+    images = torch.rand(2, 3, 128, 160, generator=torch.Generator().manual_seed(1))
+    sizes = torch.tensor([[160, 128], [320, 256]])
+    with torch.no_grad():
+        ref_out = model(images)
+        ref = DeployModel(model, post)(images, sizes)
+        fused_model = fuse_for_inference(copy.deepcopy(model))
+        out = fused_model(images)
+        got = DeployModel(fused_model, post)(images, sizes)
+    assert sum(isinstance(m, nn.Conv2d) for m in fused_model.modules()) == convs
+    assert not any(isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)) for m in fused_model.modules())
+    # folding rounds differently: near-tied queries may swap (assert_same_queries)
+    assert_same_queries(out, ref_out, tol=2e-3)
+    # the deployed top-K scores, sorted: the same values (the order of near-ties aside)
+    torch.testing.assert_close(got[2].sort(-1).values, ref[2].sort(-1).values, rtol=1e-3, atol=1e-4)
