@@ -92,10 +92,10 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     """Reparameterize ``model`` (in eval mode) in place for deployment and return it: every RepVGG block of the
     encoder becomes one 3x3 conv (as the official ``model.deploy()``), and every conv-norm layer folds its norm
     into the conv (backbone, the encoder's and decoder's input projections, CCFM). Outputs equal the unfused
-    model's within float rounding (``tests/test_deploy_fusion.py``); 69 convolutions and 69 norms become 57 convolutions in RT-DETRv2-R18,
-    so eager PyTorch dispatches about 90 fewer operators per image (bench/op_count.py: 614 -> 521 at 256x256,
-    the official deploy model 557). The state-dict keys change: load weights
-    first. A module in training mode that has something to fold is refused (``fold_conv_norm``)."""
+    model's within float rounding (``tests/test_deploy_fusion.py``). In RT-DETRv2-R18, 69 convolutions and 69
+    norms become 57 convolutions, so eager PyTorch dispatches about 90 fewer operators per image
+    (``bench/op_count.py``: 614 -> 521 at 256x256; the official deploy model 557). The state-dict keys change:
+    load weights first. A module in training mode that has something to fold is refused (``fold_conv_norm``)."""
     for m in model.modules():
         if isinstance(m, RepVggBlock):
             m.reparameterize()
