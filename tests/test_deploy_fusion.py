@@ -104,3 +104,24 @@ def test_the_fused_detector_gives_the_unfused_detections(overrides, convs):
     assert_same_queries(out, ref_out, tol=2e-3)
     # the deployed top-K scores, sorted: the same values (the order of near-ties aside)
     torch.testing.assert_close(got[2].sort(-1).values, ref[2].sort(-1).values, rtol=1e-3, atol=1e-4)
+
+
+def test_the_deployed_model_skips_moe_routing_statistics_without_changing_outputs():
+    """Routing statistics (``last_aux``: balance loss, expert fractions) feed the training loss and TensorBoard
+    only; DeployModel turns them off (fewer operators per forward), the detections stay bit-identical."""
+    from src.zoo.rtdetr.moe import MoEFFN
+
+    torch.manual_seed(0)
+    _, model, post = load_detector("configs/dset4_r18_ratio0.3.yaml", ["input_size=[128, 160]", "dset.min_patches=1"],
+                                   random_weights=True)
+    images, sizes = torch.rand(1, 3, 128, 160, generator=torch.Generator().manual_seed(1)), torch.tensor([[160, 128]])
+    moes = [m for m in model.modules() if isinstance(m, MoEFFN)]
+    assert len(moes) == 5
+    with torch.no_grad():
+        ref = post.forward_batched(model(images), sizes)
+        assert all(m.last_aux is not None for m in moes)
+        deploy = DeployModel(model, post)
+        got = deploy(images, sizes)
+    assert all(not m.record_statistics and m.last_aux is None for m in moes)
+    for r, g in zip(ref, got):
+        assert torch.equal(r, g)

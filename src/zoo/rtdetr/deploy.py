@@ -116,6 +116,9 @@ class DeployModel(nn.Module):
         super().__init__()
         self.model = model
         self.postprocessor = postprocessor
+        for m in model.modules():  # the training-time routing statistics: nobody reads them here
+            if isinstance(m, MoEFFN):
+                m.record_statistics = False
 
     def forward(self, images: Tensor, orig_target_sizes: Tensor):
         outputs = self.model(images)
