@@ -24,8 +24,11 @@ demo: data
 	  --input dataset/roadside_synth/images/val --limit 3 --out output/demo/infer
 	@echo "TensorBoard (losses, AP, DSET mask pictures cass/mask_level*): $(VENV)/bin/tensorboard --logdir output"
 
+# 2 pytest-xdist workers, one test file per worker at a time (module fixtures built once); TEST_WORKERS=0 runs
+# the suite in one process
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(VPY) -m pytest -q --durations=15 tests
+	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 bench: $(STAMP)
 	$(VPY) -m bench.cass_loss_bench

@@ -2,6 +2,7 @@
 import os
 
 import pytest
+import torch
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -15,3 +16,13 @@ def _cache_dir_in_tmp(tmp_path_factory):
         os.environ.pop("XDG_CACHE_HOME", None)
     else:
         os.environ["XDG_CACHE_HOME"] = old
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads_per_xdist_worker():
+    """Under pytest-xdist (``make test`` runs 2 workers) each worker's in-process tests get cores / workers torch
+    threads, so that two workers do not fight over the same cores with spinning thread pools."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    yield
