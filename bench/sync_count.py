@@ -217,6 +217,9 @@ def main(argv=None) -> int:
     p.add_argument("--explain-backward", action="store_true",
                    help="CUDA: run the last step with anomaly mode and print the forward call of a backward sync")
     args = p.parse_args(argv)
+    if args.explain_backward and (not args.device.startswith("cuda") or args.steps < 2):
+        p.error("--explain-backward needs --device cuda (CUDA's checker) and --steps >= 2 (the last step explains, "
+                "the others are counted)")
     per_step = count_steps(args.config, args.update, args.steps, args.device, args.explain_backward)
     where = collections.Counter()
     for counts in per_step[1:] or per_step:

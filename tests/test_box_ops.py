@@ -105,3 +105,15 @@ def test_elementwise_giou_loss_equals_torchvision_values_and_gradients():
     keep[4] = False
     for o, r in zip(ours, ref):
         torch.testing.assert_close(o.grad[keep], r.grad[keep], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_elementwise_giou_loss_upcasts_half_precision_as_torchvision_does(dtype):
+    from src.zoo.rtdetr.box_ops import elementwise_giou_loss
+
+    a, b = (t.to(dtype) for t in _box_pairs())
+    got = elementwise_giou_loss(a, b, eps=1e-9)  # 1e-9 is 0 in float16: a zero-area pair would be nan there
+    want = tvops.generalized_box_iou_loss(a, b, reduction="none", eps=1e-9)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert torch.isfinite(got).all()

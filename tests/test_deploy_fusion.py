@@ -75,8 +75,39 @@ def test_folding_refuses_a_model_in_training_mode():
     with pytest.raises(RuntimeError, match=r"ConvNormLayer is in training mode; call .eval"):
         fuse_for_inference(nn.Sequential(layer))
     block = RepVggBlock(4, 4)
-    with pytest.raises(RuntimeError, match=r"ConvNormLayer is in training mode; call .eval"):
+    with pytest.raises(RuntimeError, match=r"RepVggBlock.reparameterize: the block is in training mode"):
         block.reparameterize()
+
+
+def test_a_folded_layer_refuses_to_train_instead_of_training_without_its_norm():
+    layer = ConvNormLayer(3, 4, 3, 1).eval()
+    layer.fold_norm()
+    layer.train()
+    with pytest.raises(RuntimeError, match=r"folded for deployment \(fuse_for_inference\): it cannot train"):
+        layer(torch.rand(1, 3, 8, 8))
+
+
+def test_a_repvgg_block_whose_norm_cannot_fold_is_left_unchanged():
+    block = RepVggBlock(4, 4).eval()
+    block.conv2.norm = nn.BatchNorm2d(4, track_running_stats=False).eval()  # batch statistics: nothing to fold
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    with pytest.raises(ValueError, match=r"no running statistics to fold; the block is left unchanged"):
+        block.reparameterize()
+    after = block.state_dict()
+    assert block.conv2 is not None and before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_sync_batch_norm_folds_like_batch_norm():
+    torch.manual_seed(0)
+    layer = randomize_norms(ConvNormLayer(6, 8, 3, 1, act="relu"))
+    sync = copy.deepcopy(layer)
+    sync.norm = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(sync.norm))[0]
+    layer.eval(), sync.eval()
+    x = torch.randn(2, 6, 9, 9)
+    ref = layer(x)
+    assert sync.fold_norm() and isinstance(sync.norm, nn.Identity)
+    torch.testing.assert_close(sync(x), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("overrides, convs", [
@@ -125,3 +156,5 @@ def test_the_deployed_model_skips_moe_routing_statistics_without_changing_output
     assert all(not m.record_statistics and m.last_aux is None for m in moes)
     for r, g in zip(ref, got):
         assert torch.equal(r, g)
+    model.train()(images)  # training always records: its balance loss needs the statistics
+    assert all(m.last_aux is not None for m in moes)

@@ -13,7 +13,7 @@ from helpers_tiny_run import tiny_config_dict
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from src.zoo.rtdetr.deploy import DeployModel, load_detector, set_moe_dispatch  # noqa: E402
+from src.zoo.rtdetr.deploy import DeployModel, fuse_for_inference, load_detector, set_moe_dispatch  # noqa: E402
 from src.zoo.rtdetr.moe import MoEFFN  # noqa: E402
 from tools import export_onnx  # noqa: E402
 
@@ -31,12 +31,17 @@ def _kept_sets(model, images):
     return [info["kept_patch_idx"] for info in model.encoder.last_prune_info if info["pruned"]]
 
 
-@pytest.mark.parametrize("dset, dispatch", [(True, "sorted"), (True, "dense"), (False, "dense")],
-                         ids=["dset_pruning_moe_gather", "dset_pruning_moe_dense", "plain"])
-def test_onnxruntime_matches_pytorch_with_the_deployment_interface(tmp_path, dset, dispatch):
+@pytest.mark.parametrize("dset, dispatch, fused", [(True, "sorted", False), (True, "dense", False),
+                                                   (False, "dense", False), (True, "sorted", True)],
+                         ids=["dset_pruning_moe_gather", "dset_pruning_moe_dense", "plain",
+                              "dset_fused_as_the_tool_exports"])
+def test_onnxruntime_matches_pytorch_with_the_deployment_interface(tmp_path, dset, dispatch, fused):
     torch.manual_seed(0)
     cfg, model, post = load_detector(_tiny_config(tmp_path, dset), random_weights=True)
     set_moe_dispatch(model, dispatch)  # sorted in PyTorch; the graph traces it as gather (NonZero per expert)
+    if fused:  # tools/export_onnx.py's default: RepVGG merged, conv + norm folded
+        fuse_for_inference(model)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     deploy = DeployModel(model, post).eval()
     out = str(tmp_path / "model.onnx")
     hw = export_onnx.input_hw(cfg)
@@ -44,6 +49,8 @@ def test_onnxruntime_matches_pytorch_with_the_deployment_interface(tmp_path, dse
 
     graph = onnx.load(out).graph
     ops = {n.op_type for n in graph.node}
+    # one graph Conv per module conv: the fused model exports each merged RepVGG block as one Conv
+    assert sum(n.op_type == "Conv" for n in graph.node) == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     if dset:  # the MoE layers' form in the graph
         assert ("NonZero" in ops) == (dispatch == "sorted") and ("Einsum" in ops) == (dispatch == "dense")
     assert [i.name for i in graph.input] == ["images", "orig_target_sizes"]

@@ -40,6 +40,10 @@ def parse_args(argv=None):
                    help="MoE layers in the graph: gather (default: each expert on its own tokens, NonZero shapes) "
                         "or dense (every expert on every token: static shapes, E / top_k x the expert work)")
     p.add_argument("--trust-checkpoint", action="store_true", help="load legacy pickled checkpoints (runs code)")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="merge RepVGG blocks and fold conv + norm for deployment (default; the same detections "
+                        "within float rounding, fewer operators); --no-fuse runs the model as trained, as the "
+                        "training evaluation does")
     args = p.parse_args(argv)
     if bool(args.resume) == bool(args.random_weights):
         p.error("give -r CKPT (the weights to export) or --random-weights (tests), exactly one of them")
@@ -87,7 +91,7 @@ def main(argv=None) -> int:
         print("WARNING: exporting RANDOM weights (--random-weights): for tests only", file=sys.stderr)
     # sorted traces as gather (MoEFFN.resolved_dispatch); dense traces as dense
     n_moe = set_moe_dispatch(model, "dense" if args.moe_dispatch == "dense" else "sorted")
-    deploy = DeployModel(fuse_for_inference(model), post).eval()  # RepVGG and conv-norm folded (same outputs)
+    deploy = DeployModel(fuse_for_inference(model) if args.fuse else model, post).eval()
     export(deploy, args.out, hw)
     if cfg.checkpoint_classes is not None:
         write_class_metadata(args.out, cfg.checkpoint_classes)

@@ -50,6 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="only the first N images (sorted by file name)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--trust-checkpoint", action="store_true", help="load legacy pickled checkpoints (runs code)")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="merge RepVGG blocks and fold conv + norm for deployment (default; the same detections "
+                        "within float rounding, fewer operators); --no-fuse runs the model as trained, as the "
+                        "training evaluation does")
     args = p.parse_args(argv)
     if bool(args.resume) == bool(args.random_weights):
         p.error("give -r CKPT or --random-weights (tests), exactly one of them")
@@ -153,7 +157,8 @@ def run(args) -> dict:
     cfg, model, post = load_detector(args.config, args.update, checkpoint=args.resume,
                                      random_weights=args.random_weights, trusted=args.trust_checkpoint,
                                      device=device)
-    fuse_for_inference(model)  # RepVGG and conv-norm folded: the same detections, fewer operators
+    if getattr(args, "fuse", True):  # callers that build args themselves get the tool's default
+        fuse_for_inference(model)  # RepVGG and conv-norm folded: the same detections, fewer operators
     transforms, divisibility = val_pipeline(cfg)
     names, category_ids, known_ids = categories(cfg, cfg.checkpoint_classes)
     patch_size = cfg.dset.pruner.patch_size if cfg.dset is not None else None

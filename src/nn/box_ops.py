@@ -29,9 +29,9 @@ def elementwise_giou_loss(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> 
     wait for the device five times in the forward pass and five more in the backward pass (``nonzero``): the
     intersection is ``clamp(w, 0) * clamp(h, 0)`` instead of ``w * h`` where both are positive, else 0. Gradients
     differ only where a side is exactly 0 (then torchvision's is 0)."""
-    if not boxes1.is_floating_point():
+    if boxes1.dtype not in (torch.float32, torch.float64):  # as torchvision: half precision and integers upcast
         boxes1 = boxes1.float()
-    if not boxes2.is_floating_point():
+    if boxes2.dtype not in (torch.float32, torch.float64):
         boxes2 = boxes2.float()
     x1, y1, x2, y2 = boxes1.unbind(-1)
     x1g, y1g, x2g, y2g = boxes2.unbind(-1)

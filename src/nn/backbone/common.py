@@ -38,25 +38,44 @@ def fold_norm(weight: torch.Tensor, bias: torch.Tensor | None, norm: nn.Module) 
     return weight * scale.reshape(-1, 1, 1, 1), shift
 
 
+class FoldedNorm(nn.Identity):
+    """What a norm becomes once ``fold_conv_norm`` has folded it into its conv: the identity in inference, an
+    error in training (the layer would train with no normalisation at all, silently)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            raise RuntimeError("this conv-norm layer was folded for deployment (fuse_for_inference): it cannot "
+                               "train; build the model again from its config and checkpoint to train it")
+        return x
+
+
+def can_fold_conv_norm(module: nn.Module) -> bool:
+    """Whether ``module`` has a ``conv`` (Conv2d) followed by a ``norm`` with running statistics (BatchNorm2d,
+    SyncBatchNorm, FrozenBatchNorm2d) that ``fold_conv_norm`` would fold."""
+    conv, norm = getattr(module, "conv", None), getattr(module, "norm", None)
+    return isinstance(conv, nn.Conv2d) and isinstance(norm, NORMS) and norm.running_mean is not None
+
+
 @torch.no_grad()
 def fold_conv_norm(module: nn.Module) -> bool:
-    """Deployment only: a module whose children ``conv`` (Conv2d) and ``norm`` (BatchNorm2d / FrozenBatchNorm2d)
-    run in that order (``ConvNormLayer``, the encoder's and decoder's ``input_proj`` Sequentials) gets the norm
-    folded into the conv: the conv gains a bias, the norm becomes Identity; the same outputs in inference within
-    float rounding, one pass over the feature map less. Returns whether it folded (False: not such a module, or
-    already folded). Refuses a module in training mode (a folded layer no longer normalises by batch statistics)."""
-    conv, norm = getattr(module, "conv", None), getattr(module, "norm", None)
-    if not isinstance(conv, nn.Conv2d) or not isinstance(norm, NORMS):
+    """Deployment only: a module whose children ``conv`` (Conv2d) and ``norm`` (a BatchNorm with running
+    statistics, or FrozenBatchNorm2d) run in that order (``ConvNormLayer``, the encoder's and decoder's
+    ``input_proj`` Sequentials) gets the norm folded into the conv: the conv gains a bias, the norm becomes
+    ``FoldedNorm``; the same outputs in inference within float rounding, one pass over the feature map less.
+    Returns whether it folded (False: not such a module, or already folded). Refuses a module in training mode
+    (a folded layer no longer normalises by batch statistics); a folded module refuses to train."""
+    if not can_fold_conv_norm(module):
         return False
     if module.training:
         raise RuntimeError(f"fold_conv_norm: {type(module).__name__} is in training mode; call .eval() first "
                            f"(folding uses the running statistics, for inference only)")
-    weight, bias = fold_norm(conv.weight, conv.bias, norm)
+    conv = module.conv
+    weight, bias = fold_norm(conv.weight, conv.bias, module.norm)
     folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                        conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode).to(weight)
     folded.weight.copy_(weight)
     folded.bias.copy_(bias)
-    module.conv, module.norm = folded.eval(), nn.Identity()
+    module.conv, module.norm = folded.eval(), FoldedNorm().eval()
     return True
 
 
@@ -77,9 +96,9 @@ class ConvNormLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.norm(self.conv(x)))
 
-    def fold_norm(self) -> None:
-        """Deployment only: fold the norm into the conv (``fold_conv_norm``)."""
-        fold_conv_norm(self)
+    def fold_norm(self) -> bool:
+        """Deployment only: fold the norm into the conv (``fold_conv_norm``); whether it folded."""
+        return fold_conv_norm(self)
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -146,4 +165,4 @@ def freeze_batch_norm2d(module: nn.Module) -> nn.Module:
     return module
 
 
-NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)  # the norms fold_conv_norm folds
+NORMS = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)  # the norms fold_conv_norm folds (SyncBatchNorm too)

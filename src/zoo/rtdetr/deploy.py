@@ -5,7 +5,7 @@ Used by tools/export_onnx.py, tools/infer.py and bench/latency_bench.py.
 
     cfg, model, post = load_detector("configs/dset4_r18_ratio0.3.yaml", checkpoint="output/run/best.pth")
     labels, boxes, scores = DeployModel(fuse_for_inference(model), post)(images, orig_target_sizes)
-    export(DeployModel(model, post).eval(), "model.onnx", (h, w))   # the ONNX graph (opset OPSET)
+    export(DeployModel(fuse_for_inference(model), post).eval(), "model.onnx", (h, w))   # the ONNX graph
 """
 from __future__ import annotations
 

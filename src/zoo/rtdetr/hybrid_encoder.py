@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.core.registry import register
-from src.nn.backbone.common import ConvNormLayer, get_activation
+from src.nn.backbone.common import ConvNormLayer, can_fold_conv_norm, get_activation
 from src.zoo.rtdetr.position_embedding import TOKEN_ORDERS, sincos_position_embedding_2d
 
 __all__ = ["HybridEncoder", "TransformerEncoderLayer", "TransformerEncoder", "CSPRepLayer", "RepVggBlock"]
@@ -48,9 +48,17 @@ class RepVggBlock(nn.Module):
     def reparameterize(self) -> None:
         """Deployment only (RepVGG): merge both branches into one 3x3 conv with bias, as the official
         ``convert_to_deploy`` does; the 1x1 kernel becomes the centre of a 3x3 one. The same outputs in inference
-        within float rounding; ``conv2`` becomes None. Needs eval mode (ConvNormLayer.fold_norm)."""
+        within float rounding; ``conv2`` becomes None. Needs eval mode (ConvNormLayer.fold_norm); checks both
+        branches before it changes anything, so a block it refuses stays as it was."""
         if self.conv2 is None:
             return
+        for branch in (self.conv1, self.conv2):
+            if not can_fold_conv_norm(branch):
+                raise ValueError(f"RepVggBlock.reparameterize: branch norm {type(branch.norm).__name__} has no "
+                                 f"running statistics to fold; the block is left unchanged")
+            if branch.training:
+                raise RuntimeError("RepVggBlock.reparameterize: the block is in training mode; call .eval() first "
+                                   "(folding uses the running statistics, for inference only)")
         self.conv1.fold_norm()
         self.conv2.fold_norm()
         self.conv1.conv.weight.add_(nn.functional.pad(self.conv2.conv.weight, [1, 1, 1, 1]))

@@ -80,7 +80,7 @@ class MoEFFN(nn.Module):
         self.reset_parameters()
         self.last_aux: dict | None = None  # set by every forward
         self.dispatch = dispatch           # see MOE_DISPATCHES; deploy.set_moe_dispatch switches it for export
-        self.record_statistics = True      # last_aux after each forward; DeployModel turns it off (never read there)
+        self.record_statistics = True      # last_aux in eval too; DeployModel turns it off (training always records)
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -191,7 +191,7 @@ class MoEFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> y [..., D]; sets ``self.last_aux`` (balance_loss scalar with graph,
-        expert_fraction [E], router_prob [E]; None under graph export or with ``record_statistics`` off)."""
+        expert_fraction [E], router_prob [E]; None under graph export, or in eval with ``record_statistics`` off)."""
         if x.shape[-1] != self.d_model:
             raise ValueError(f"MoEFFN: input last dim {x.shape[-1]} != d_model {self.d_model}")
         flat = x.reshape(-1, self.d_model)
@@ -206,7 +206,8 @@ class MoEFFN(nn.Module):
         dispatch = self.resolved_dispatch(flat.device)
         run = {"dense": self._dense, "sorted": self._sorted, "gather": self._gathered}[dispatch]
         out = run(flat, top_idx, top_weight)
-        if not self.record_statistics or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        deployed = not self.training and not self.record_statistics  # training always needs its balance loss
+        if deployed or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             self.last_aux = None  # no balance statistics when deployed or in an exported graph
             return out.view_as(x)
         # assignments per expert by a scatter-add: static shape, on the device, no host read (one_hot and
