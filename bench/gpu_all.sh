@@ -8,9 +8,11 @@
 # out loses nothing before it):
 #   1. bench/gpu_check.py: pytest -m cuda, the autocast probe, DSET float16 / bfloat16 at 1280x736, DDP 2 ranks
 #      and a resume (OUT/gpu_check.json, its table in OUT/gpu_check.txt, its logs in OUT/logs.tgz);
-#   2. bench/sync_count.py --device cuda on configs/dset4_r18_synth_cpu.yaml (OUT/sync_count.txt);
+#   2. bench/sync_count.py --device cuda on configs/dset4_r18_synth_cpu.yaml, float32 and float16 AMP
+#      (OUT/sync_count.txt; issue 18's goal: at most 4 host syncs per step);
 #   3. bench/latency_bench.py --devices cuda (float32 and float16 rows; with OFFICIAL the official model too)
-#      (OUT/latency_cuda.{json,md});
+#      (OUT/latency_cuda.{json,md}) and bench/op_count.py --device cuda (operators, kernels, syncs per forward)
+#      (its table appended to OUT/sync_count.txt);
 #   4. tools/bias_experiment.py --profile smoke --device cuda --jobs 4: the parallel GPU job path of the bias
 #      experiment, small (OUT/logs.tgz). The full gpu profile (3 seeds, about 30 runs) takes longer than such a
 #      machine is held here.
@@ -49,14 +51,21 @@ test -f dataset/roadside_synth/annotations/instances_train.json || \
     "$PY" tools/make_synthetic_roadside.py --out dataset/roadside_synth --num-train 48 --num-val 16 --seed 0 \
         > "$WORK/make_data.log" 2>&1
 timeout -k 10 90 "$PY" -m bench.sync_count -c configs/dset4_r18_synth_cpu.yaml --device cuda --steps 5 \
-    > "$OUT/sync_count.txt" 2>&1
-tail -n 4 "$OUT/sync_count.txt"
+    > "$WORK/sync_f32.log" 2>&1
+timeout -k 10 90 "$PY" -m bench.sync_count -c configs/dset4_r18_synth_cpu.yaml --device cuda --steps 5 \
+    -u use_amp=true amp_dtype=float16 > "$WORK/sync_f16.log" 2>&1
+for f in sync_f32 sync_f16; do echo "== $f"; grep -v "^epoch" "$WORK/$f.log" | tail -n 20; done > "$OUT/sync_count.txt"
+cat "$OUT/sync_count.txt"
 
 stage "3 latency_bench cuda"
 timeout -k 10 150 "$PY" -m bench.latency_bench --devices cuda --no-onnx --repeats 20 --warmup 3 \
     --variants plain_p5 plain_p4p5 dset_k1.0_moe dset_k0.3_moe dset_k0.3_dense \
     ${OFFICIAL:+--official "$OFFICIAL"} --out "$OUT/latency_cuda.json" > "$WORK/latency_cuda.log" 2>&1
 tail -n 4 "$WORK/latency_cuda.log"
+timeout -k 10 60 "$PY" -m bench.op_count --device cuda --inputs 640x640 \
+    --variants plain_p5 dset_k0.3_moe dset_k0.3_dense ${OFFICIAL:+--official "$OFFICIAL"} \
+    > "$WORK/op_count_cuda.log" 2>&1
+grep "^|\|^-" "$WORK/op_count_cuda.log" | tee -a "$OUT/sync_count.txt"
 pack
 
 stage "4 bias_experiment smoke on cuda"
