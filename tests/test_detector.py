@@ -107,8 +107,9 @@ def test_postprocessed_boxes_are_in_original_image_coordinates():
 
 
 def test_detector_overfits_two_images_and_finds_their_boxes():
-    """200 steps on two synthetic 128x128 images (R18 backbone, the tiny encoder / decoder widths of the
-    test runs): loss falls a lot, boxes are recovered."""
+    """120 steps on two synthetic 128x128 images (R18 backbone, the tiny encoder / decoder widths of the
+    test runs): the loss falls to under a third, and the detections above score 0.3 are exactly the three boxes,
+    each with its label and IoU > 0.9 (measured 2026-12-04: loss ratio 0.29, IoUs 0.96-0.97)."""
     torch.manual_seed(0)
     cfg = YAMLConfig("configs/rtdetrv2_r18vd_coco.yaml", overrides={
         "num_classes": 3, "input_size": [128, 128],
@@ -130,7 +131,7 @@ def test_detector_overfits_two_images_and_finds_their_boxes():
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0)
     model.train()
     first = None
-    for step in range(200):
+    for step in range(120):
         loss = sum(criterion(model(images, targets), targets).values())
         first = float(loss.detach()) if first is None else first
         opt.zero_grad()
@@ -138,11 +139,15 @@ def test_detector_overfits_two_images_and_finds_their_boxes():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
         opt.step()
     last = float(loss.detach())
-    assert last < first / 4, (first, last)
+    assert last < first / 3, (first, last)
     model.eval()
     with torch.no_grad():
         out = post(model(images), torch.tensor([[128, 128], [128, 128]]))
     for b in range(2):
-        top = out[b]["boxes"][out[b]["scores"] > 0.3]
-        ious = box_iou(gt[b], top)
-        assert (ious.max(dim=1).values > 0.5).all(), (b, ious.max(dim=1).values)
+        keep = out[b]["scores"] > 0.3
+        top, top_labels = out[b]["boxes"][keep], out[b]["labels"][keep]
+        assert len(top) == len(gt[b]), (b, out[b]["scores"][keep])
+        ious = box_iou(gt[b], top)  # [gt, detection]
+        best = ious.argmax(dim=1)
+        assert (ious.max(dim=1).values > 0.9).all(), (b, ious.max(dim=1).values)
+        assert torch.equal(top_labels[best], labels[b]) and len(set(best.tolist())) == len(gt[b])
