@@ -61,15 +61,18 @@ class ModelEMA:
         """Blend the live weights of ``model`` (DDP-wrapped or not) into the average."""
         self.updates += 1
         d = self.current_decay()
-        live = unwrap_model(model).state_dict()
-        ema_sd = self.module.state_dict()
+        # keep_vars: the tensors themselves, not detached views (one dispatcher call less per entry, ~1400 per
+        # step for RT-DETRv2-R18); the update runs under no_grad
+        live = unwrap_model(model).state_dict(keep_vars=True)
+        ema_sd = self.module.state_dict(keep_vars=True)
         if live.keys() != ema_sd.keys():
             diff = sorted(set(live) ^ set(ema_sd))
             raise KeyError(f"ModelEMA.update: model and EMA state dicts differ in keys {diff[:10]}")
         float_keys = [k for k, v in ema_sd.items() if v.dtype.is_floating_point]
         if float_keys:
             ema_t = [ema_sd[k] for k in float_keys]
-            live_t = [live[k].detach().to(ema_sd[k].dtype) for k in float_keys]
+            live_t = [live[k] if live[k].dtype == ema_sd[k].dtype else live[k].to(ema_sd[k].dtype)
+                      for k in float_keys]
             torch._foreach_mul_(ema_t, d)
             torch._foreach_add_(ema_t, live_t, alpha=1.0 - d)
         for k, v in ema_sd.items():
