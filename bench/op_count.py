@@ -13,11 +13,20 @@ after two warm-up passes, one ``DeployModel`` forward (model + postprocessor, ``
 - ``kernels``: GPU kernels and memory operations launched (CUDA only);
 - ``syncs``: host waits CUDA's checker reports (CUDA only; ``bench.sync_count.CudaSyncLog``), by line.
 
+``--train-config CONFIG`` counts one training step of that config's trainer instead (``train_step``: forward,
+criterion, backward, optimizer, EMA; the last of ``--steps``), with its most frequent operators. On CUDA the
+optimizer is the multi-tensor (foreach) AdamW, on a CPU the per-parameter one, so a CPU count of a step is an
+upper bound of what a GPU launches.
+
+    python -m bench.op_count --device cpu --train-config configs/dset4_r18_synth_cpu.yaml \
+        -u input_size=[128,128] dset.moe_dispatch=dense
+
 Prints one markdown table; ``--out`` writes it with the command, machine and date as json.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 import time
@@ -28,7 +37,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.latency_bench import ALL_VARIANTS, build, build_official, machine, parse_hw
-from bench.sync_count import CudaSyncLog
+from bench.sync_count import CudaSyncLog, run_train_steps
 
 
 def top_level_aten_ops(events) -> int:
@@ -65,6 +74,31 @@ def count_one(model: torch.nn.Module, images: torch.Tensor, sizes: torch.Tensor,
     return row
 
 
+def train_step_ops(config: str, overrides: List[str], steps: int, device: str) -> Dict:
+    """Operators of the last of ``steps`` training steps: {'aten_ops': N, 'kernels': N (CUDA), 'top': [(name,
+    count), ...] the 12 most frequent}."""
+    result: Dict = {}
+
+    def profiled(real, trainer, *args, **kwargs):
+        if trainer.state.step < steps - 1:
+            return real(*args, **kwargs)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=activities) as prof:
+            out = real(*args, **kwargs)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        events = prof.events()
+        names = collections.Counter(e.name for e in events if e.name.startswith("aten::") and e.device_type.name ==
+                                    "CPU" and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+        result.update(aten_ops=top_level_aten_ops(events), top=names.most_common(12))
+        if device == "cuda":
+            result["kernels"] = gpu_launches(events)
+        return out
+
+    run_train_steps(config, overrides, steps, device, profiled)
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
@@ -73,11 +107,21 @@ def main(argv=None) -> int:
                    help=f"subset of {' '.join(ALL_VARIANTS)}")
     p.add_argument("--official", default=None, metavar="PATH", help="an extracted rtdetrv2_pytorch (as latency_bench)")
     p.add_argument("-u", "--extra", nargs="+", default=[], help="extra config overrides for every variant")
+    p.add_argument("--train-config", default=None, metavar="CONFIG",
+                   help="count one training step of this config instead (-u: its overrides)")
+    p.add_argument("--steps", type=int, default=3, help="--train-config: steps run, the last is counted")
     p.add_argument("--out", default=None, help="json path")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("op_count: no CUDA device here (--device cpu counts the operators only)", file=sys.stderr)
         return 2
+    if args.train_config:
+        row = train_step_ops(args.train_config, args.extra, args.steps, args.device)
+        print(f"one training step of {args.train_config}: {row['aten_ops']} aten ops"
+              + (f", {row['kernels']} GPU kernels" if "kernels" in row else ""))
+        for name, count in row["top"]:
+            print(f"  {name} {count}")
+        return 0
     rows: List[Dict] = []
     for hw in args.inputs:
         images = torch.rand(1, 3, *hw, generator=torch.Generator().manual_seed(2)).to(args.device)

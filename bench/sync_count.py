@@ -165,22 +165,35 @@ def explain_backward_sync(step, *args, **kwargs) -> Optional[str]:
     return None
 
 
-def count_steps(config: str, overrides: List[str], num_steps: int, device: str, explain: bool = False) -> List[Counter]:
-    """The counts of each of ``num_steps`` training steps of the config's trainer: on a CPU the host reads
-    (``SyncCounter``), on CUDA the synchronisations CUDA's own checker reports (``CudaSyncLog``: every host read
-    that waits for the GPU and every blocking copy, which ``SyncCounter`` cannot see; both at once would count a
-    read twice)."""
+def run_train_steps(config: str, overrides: List[str], num_steps: int, device: str, wrap) -> None:
+    """Run ``num_steps`` training steps of the config's trainer (no evaluation, no logging steps), each through
+    ``wrap(real_step, trainer, *args, **kwargs)`` instead of ``train_step(*args, **kwargs)``; ``BackwardSync``
+    raised by ``wrap`` ends the run quietly. Shared by this bench and ``bench/op_count.py --train-config``."""
     import src.solver.trainer as trainer_module
     from src.core import YAMLConfig
 
     cfg = YAMLConfig(config, overrides=overrides + [f"max_iters_per_epoch={num_steps}", "epochs=1",
                                                     "print_freq=100000"])
     cfg.yaml_cfg.pop("val_dataloader", None)  # no evaluation: steps only
-    trainer = trainer_module.Trainer(cfg, device=device, output_dir=tempfile.mkdtemp(prefix="sync_count_"))
-    per_step: List[Counter] = []
+    trainer = trainer_module.Trainer(cfg, device=device, output_dir=tempfile.mkdtemp(prefix="train_steps_"))
     real = trainer_module.train_step
+    trainer_module.train_step = lambda *args, **kwargs: wrap(real, trainer, *args, **kwargs)
+    try:
+        trainer.fit()
+    except BackwardSync:
+        pass
+    finally:
+        trainer_module.train_step = real
 
-    def counted_step(*args, **kwargs):
+
+def count_steps(config: str, overrides: List[str], num_steps: int, device: str, explain: bool = False) -> List[Counter]:
+    """The counts of each of ``num_steps`` training steps of the config's trainer: on a CPU the host reads
+    (``SyncCounter``), on CUDA the synchronisations CUDA's own checker reports (``CudaSyncLog``: every host read
+    that waits for the GPU and every blocking copy, which ``SyncCounter`` cannot see; both at once would count a
+    read twice)."""
+    per_step: List[Counter] = []
+
+    def counted_step(real, trainer, *args, **kwargs):
         if device.startswith("cuda"):
             torch.cuda.synchronize()  # nothing of the step before is waited for inside it
             if explain and len(per_step) == num_steps - 1:  # the last step: which forward call syncs in backward
@@ -198,13 +211,7 @@ def count_steps(config: str, overrides: List[str], num_steps: int, device: str, 
         per_step.append(collections.Counter(counter.counts))
         return out
 
-    trainer_module.train_step = counted_step
-    try:
-        trainer.fit()
-    except BackwardSync:
-        pass
-    finally:
-        trainer_module.train_step = real
+    run_train_steps(config, overrides, num_steps, device, counted_step)
     return per_step
 
 

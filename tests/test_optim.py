@@ -300,3 +300,30 @@ def test_ema_state_dict_round_trip_keeps_update_count(tmp_path):
     assert ema2.updates == 3
     assert ema2.module.bias.item() == pytest.approx(ema.module.bias.item())
     assert ema2.current_decay() == pytest.approx(0.99 * (1 - math.exp(-3 / 5)))
+
+
+def test_ema_update_blends_every_float_entry_with_a_handful_of_multi_tensor_ops():
+    """The update reads the tensors themselves (state_dict(keep_vars=True)): two foreach ops for all float entries
+    and one copy per non-float buffer, no detached view or cast per entry (each is a dispatcher call, and on a
+    GPU a training step is launch-bound); the arithmetic is the EMA formula."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2))
+    ema = ModelEMA(model, decay=0.9, warmups=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ema.update(model)
+    ops = [e.name for e in prof.events() if e.name.startswith("aten::") and
+           (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    assert sorted(set(ops)) == ["aten::_foreach_add_", "aten::_foreach_mul_", "aten::copy_"], ops
+    assert ops.count("aten::copy_") == 2  # the two num_batches_tracked
+    live = model.state_dict()
+    for k, v in ema.module.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, 0.9 * before[k] + 0.1 * live[k])
+        else:
+            assert torch.equal(v, live[k])
