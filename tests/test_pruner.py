@@ -215,3 +215,22 @@ def test_the_seeds_cass_names_are_the_functions_training_calls():
 def test_the_pruner_takes_no_cass_settings():
     with pytest.raises(TypeError, match="cass_normalization"):
         PatchLevelPruner(input_dim=C, cass_normalization="object")
+
+
+@pytest.mark.parametrize("h,w,k", [(3, 2, 4), (1, 9, 4), (7, 13, 3), (40, 23, 8), (16, 16, 4)])
+def test_patch_mean_logits_equal_the_loop_over_real_cells_in_value_and_gradient(h, w, k):
+    """Maps smaller than a patch, ragged right / bottom edges and whole patches: each patch's mean over its real
+    cells (the partial edge patches divide by their real cells, not k^2), and the same gradient."""
+    from src.zoo.rtdetr.patch_level_pruning import patch_mean_logits
+
+    tok = torch.randn(2, h * w, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    p_h, p_w = math.ceil(h / k), math.ceil(w / k)
+    grid = tok.reshape(2, h, w)
+    ref = torch.stack([grid[:, i * k:(i + 1) * k, j * k:(j + 1) * k].mean((1, 2))
+                       for i in range(p_h) for j in range(p_w)], 1)              # slicing stops at the edge
+    got = patch_mean_logits(tok, (h, w), k)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    weights = torch.rand(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    g_got, = torch.autograd.grad((got * weights).sum(), tok)
+    g_ref, = torch.autograd.grad((ref * weights).sum(), tok)
+    torch.testing.assert_close(g_got, g_ref, rtol=0, atol=1e-12)

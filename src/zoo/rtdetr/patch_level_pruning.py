@@ -43,13 +43,11 @@ def patch_mean_logits(token_logits: Tensor, spatial_shape: Tuple[int, int], patc
         [B, P] with P = ceil(h/k) * ceil(w/k), patches in row-major order.
     """
     h, w = spatial_shape
-    p_h, p_w = cass.patch_grid((h, w), patch_size)
-    pad = (0, p_w * patch_size - w, 0, p_h * patch_size - h)
-    grid = F.pad(token_logits.reshape(-1, h, w), pad)                         # zeros on padding cells
-    sums = grid.reshape(-1, p_h, patch_size, p_w, patch_size).sum((2, 4))
-    ones = F.pad(token_logits.new_ones(1, h, w), pad)
-    counts = ones.reshape(1, p_h, patch_size, p_w, patch_size).sum((2, 4))  # real cells per patch (>= 1)
-    return (sums / counts).flatten(1)
+    # one pooling op: ceil_mode adds the partial patches at the right / bottom edge, count_include_pad=False
+    # divides each by its real cells (ONNX AveragePool has both attributes)
+    means = F.avg_pool2d(token_logits.reshape(-1, 1, h, w), patch_size, stride=patch_size, ceil_mode=True,
+                         count_include_pad=False)                                # [B, 1, P_h, P_w]
+    return means.flatten(1)
 
 
 def patch_token_index(kept_patch_idx: Tensor, spatial_shape: Tuple[int, int], patch_size: int):
