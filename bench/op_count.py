@@ -96,6 +96,9 @@ def train_step_ops(config: str, overrides: List[str], steps: int, device: str) -
         return out
 
     run_train_steps(config, overrides, steps, device, profiled)
+    if not result:
+        raise ValueError(f"op_count: the first epoch of {config} has fewer than --steps {steps} batches; use "
+                         f"fewer --steps or more training images")
     return result
 
 
@@ -116,7 +119,11 @@ def main(argv=None) -> int:
         print("op_count: no CUDA device here (--device cpu counts the operators only)", file=sys.stderr)
         return 2
     if args.train_config:
-        row = train_step_ops(args.train_config, args.extra, args.steps, args.device)
+        try:
+            row = train_step_ops(args.train_config, args.extra, args.steps, args.device)
+        except ValueError as e:
+            print(e, file=sys.stderr)
+            return 2
         print(f"one training step of {args.train_config}: {row['aten_ops']} aten ops"
               + (f", {row['kernels']} GPU kernels" if "kernels" in row else ""))
         for name, count in row["top"]:

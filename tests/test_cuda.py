@@ -169,11 +169,12 @@ def test_a_dset_training_step_on_cuda_waits_for_the_device_only_where_intended()
 
     def unchecked_match_many(*args, **kwargs):
         calls.append(1)
+        mode = torch.cuda.get_sync_debug_mode()  # "error" in the checked step, 0 in the warm-up
         torch.cuda.set_sync_debug_mode(0)
         try:
             return real_match_many(*args, **kwargs)
         finally:
-            torch.cuda.set_sync_debug_mode("error")
+            torch.cuda.set_sync_debug_mode(mode)
 
     matcher.match_many = unchecked_match_many
     for checked in (False, True):  # the first step warms up (lazy initialisation), the second is checked
