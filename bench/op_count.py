@@ -40,10 +40,14 @@ from bench.latency_bench import ALL_VARIANTS, build, build_official, machine, pa
 from bench.sync_count import CudaSyncLog, run_train_steps
 
 
-def top_level_aten_ops(events) -> int:
+def top_level_aten_events(events) -> list:
     """aten operators called from Python (or the model's own code), not those called inside another aten op."""
     ops = [e for e in events if e.name.startswith("aten::") and e.device_type.name == "CPU"]
-    return sum(1 for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    return [e for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+
+
+def top_level_aten_ops(events) -> int:
+    return len(top_level_aten_events(events))
 
 
 def gpu_launches(events) -> int:
@@ -88,9 +92,8 @@ def train_step_ops(config: str, overrides: List[str], steps: int, device: str) -
             if device == "cuda":
                 torch.cuda.synchronize()
         events = prof.events()
-        names = collections.Counter(e.name for e in events if e.name.startswith("aten::") and e.device_type.name ==
-                                    "CPU" and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
-        result.update(aten_ops=top_level_aten_ops(events), top=names.most_common(12))
+        top = top_level_aten_events(events)
+        result.update(aten_ops=len(top), top=collections.Counter(e.name for e in top).most_common(12))
         if device == "cuda":
             result["kernels"] = gpu_launches(events)
         return out

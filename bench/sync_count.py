@@ -42,6 +42,7 @@ if str(REPO) not in sys.path:
 
 SYNC_OPS = {"_local_scalar_dense", "nonzero"}
 INDEX_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
+TENSOR_METHODS = ("tolist", "cpu")  # not .numpy(): it refuses a device tensor, so it never waits for one
 
 
 def boolean_mask_index(name: str, args) -> bool:
@@ -53,7 +54,6 @@ def boolean_mask_index(name: str, args) -> bool:
     if not any(torch.is_tensor(i) and i.dtype in (torch.bool, torch.uint8) for i in args[1] or ()):
         return False
     return name == "index" or not (len(args) > 2 and torch.is_tensor(args[2]) and args[2].dim() == 0)
-TENSOR_METHODS = ("tolist", "cpu")  # not .numpy(): it refuses a device tensor, so it never waits for one
 
 
 def _caller() -> str:

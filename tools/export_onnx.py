@@ -23,8 +23,9 @@ import sys
 
 import torch
 
-from src.zoo.rtdetr.deploy import (OPSET, OUTPUT_NAMES, DeployModel, export, fuse_for_inference,  # noqa: F401
-                                   load_detector, pruning_summary, set_moe_dispatch, write_class_metadata)
+from src.zoo.rtdetr.deploy import (OPSET, OUTPUT_NAMES, DeployModel, add_fuse_option, export,  # noqa: F401
+                                   fuse_for_inference, load_detector, pruning_summary, set_moe_dispatch,
+                                   write_class_metadata)
 
 
 def parse_args(argv=None):
@@ -40,10 +41,7 @@ def parse_args(argv=None):
                    help="MoE layers in the graph: gather (default: each expert on its own tokens, NonZero shapes) "
                         "or dense (every expert on every token: static shapes, E / top_k x the expert work)")
     p.add_argument("--trust-checkpoint", action="store_true", help="load legacy pickled checkpoints (runs code)")
-    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
-                   help="merge RepVGG blocks and fold conv + norm for deployment (default; the same detections "
-                        "within float rounding, fewer operators); --no-fuse runs the model as trained, as the "
-                        "training evaluation does")
+    add_fuse_option(p)
     args = p.parse_args(argv)
     if bool(args.resume) == bool(args.random_weights):
         p.error("give -r CKPT (the weights to export) or --random-weights (tests), exactly one of them")

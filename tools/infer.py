@@ -33,7 +33,7 @@ import torch
 from src.data.classes import match_classes
 from src.data.coco_dataset import load_coco_json
 from src.misc.visualize import detection_figure, patch_rects
-from src.zoo.rtdetr.deploy import fuse_for_inference, load_detector
+from src.zoo.rtdetr.deploy import add_fuse_option, fuse_for_inference, load_detector
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -50,10 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="only the first N images (sorted by file name)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--trust-checkpoint", action="store_true", help="load legacy pickled checkpoints (runs code)")
-    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
-                   help="merge RepVGG blocks and fold conv + norm for deployment (default; the same detections "
-                        "within float rounding, fewer operators); --no-fuse runs the model as trained, as the "
-                        "training evaluation does")
+    add_fuse_option(p)
     args = p.parse_args(argv)
     if bool(args.resume) == bool(args.random_weights):
         p.error("give -r CKPT or --random-weights (tests), exactly one of them")

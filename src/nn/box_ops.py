@@ -13,11 +13,16 @@ def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
     return box_convert(boxes, "xyxy", "cxcywh")
 
 
-def elementwise_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
-    """IoU of paired xyxy boxes: [N, 4] x [N, 4] -> [N] (torchvision only has the pairwise matrix)."""
+def paired_intersection(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Intersection area of paired xyxy boxes: [N, 4] x [N, 4] -> [N] (0 for disjoint pairs, no mask)."""
     lt = torch.max(boxes1[..., :2], boxes2[..., :2])
     rb = torch.min(boxes1[..., 2:], boxes2[..., 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
+    return (rb - lt).clamp(min=0).prod(-1)
+
+
+def elementwise_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
+    """IoU of paired xyxy boxes: [N, 4] x [N, 4] -> [N] (torchvision only has the pairwise matrix)."""
+    inter = paired_intersection(boxes1, boxes2)
     area1 = (boxes1[..., 2:] - boxes1[..., :2]).clamp(min=0).prod(-1)
     area2 = (boxes2[..., 2:] - boxes2[..., :2]).clamp(min=0).prod(-1)
     return inter / (area1 + area2 - inter).clamp(min=eps)
@@ -35,8 +40,7 @@ def elementwise_giou_loss(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> 
         boxes2 = boxes2.float()
     x1, y1, x2, y2 = boxes1.unbind(-1)
     x1g, y1g, x2g, y2g = boxes2.unbind(-1)
-    inter = (torch.min(x2, x2g) - torch.max(x1, x1g)).clamp(min=0) * \
-        (torch.min(y2, y2g) - torch.max(y1, y1g)).clamp(min=0)
+    inter = paired_intersection(boxes1, boxes2)
     union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - inter
     hull = (torch.max(x2, x2g) - torch.min(x1, x1g)) * (torch.max(y2, y2g) - torch.min(y1, y1g))
     return 1 - (inter / (union + eps) - (hull - union) / (hull + eps))

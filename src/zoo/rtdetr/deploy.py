@@ -24,7 +24,8 @@ from src.zoo.rtdetr.hybrid_encoder import RepVggBlock
 from src.zoo.rtdetr.moe import MOE_DISPATCHES, MoEFFN
 from src.zoo.rtdetr.patch_level_pruning import PatchLevelPruner
 
-__all__ = ["load_detector", "fuse_for_inference", "DeployModel", "set_moe_dispatch", "pruning_summary", "export", "write_class_metadata"]
+__all__ = ["load_detector", "fuse_for_inference", "add_fuse_option", "DeployModel", "set_moe_dispatch",
+           "pruning_summary", "export", "write_class_metadata"]
 
 
 def load_detector(config: str, overrides: Sequence[str] | Mapping = (), checkpoint: Optional[str] = None,
@@ -102,6 +103,16 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     for m in list(model.modules()):
         fold_conv_norm(m)
     return model
+
+
+def add_fuse_option(parser) -> None:
+    """``--fuse / --no-fuse`` (default on) of the tools that deploy a model (tools/infer.py, tools/export_onnx.py)."""
+    import argparse
+
+    parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                        help="merge RepVGG blocks and fold conv + norm for deployment (default; the same detections "
+                             "within float rounding, fewer operators); --no-fuse runs the model as trained, as the "
+                             "training evaluation does")
 
 
 class DeployModel(nn.Module):
