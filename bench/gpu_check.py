@@ -32,6 +32,7 @@ feature maps are pruned too, 3x the timeouts (a shared CPU). Exit status 0 when 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -82,6 +83,7 @@ class Plan:
     num_gpus: int
     runs: Tuple[Run, ...]
     timeout_scale: float = 1.0                  # the dry run's CPU steps get 3x TIMEOUTS_S (a shared 2-core CPU)
+    pytest: bool = True                         # step 1 (pytest -m cuda)
 
     def timeout(self, key: str) -> float:
         return TIMEOUTS_S[key] * self.timeout_scale
@@ -113,6 +115,22 @@ def make_plan(dry_run: bool, steps: int = 20, num_gpus: int = 1) -> Plan:
             Run("ddp_resume", "dset4_r18_synth_cpu.yaml", "small", None, ranks=2, resume_of="ddp_2ranks"))
     return Plan(dry_run, "cpu" if dry_run else "cuda", steps, sizes, batch, num_val, num_gpus, runs,
                 timeout_scale=3.0 if dry_run else 1.0)
+
+
+def select(plan: Plan, keys: Optional[Sequence[str]]) -> Plan:
+    """``plan`` with only the steps ``keys`` (``--only``: pytest_cuda and / or run keys; None: all of them). A
+    resume is refused without the run it resumes (its last.pth would be stale or missing)."""
+    if not keys:
+        return plan
+    known = ["pytest_cuda"] + [r.key for r in plan.runs]
+    unknown = [k for k in keys if k not in known]
+    if unknown:
+        raise ValueError(f"--only {' '.join(unknown)}: unknown step; the steps are {', '.join(known)}")
+    runs = tuple(r for r in plan.runs if r.key in keys)
+    for r in runs:
+        if r.resume_of and r.resume_of not in keys:
+            raise ValueError(f"--only {r.key} resumes the run {r.resume_of}: add {r.resume_of} to --only")
+    return dataclasses.replace(plan, runs=runs, pytest="pytest_cuda" in keys)
 
 
 def title(plan: Plan, run: Run) -> str:
@@ -381,11 +399,12 @@ def format_table(rows: Sequence[dict]) -> str:
 def check(plan: Plan, out: Path) -> List[dict]:
     """Run the plan into ``out``; one row per step."""
     rows = []
-    rc, secs = run([sys.executable, *PYTEST_CUDA], out / "pytest_cuda.log", plan.timeout("pytest_cuda"))
-    # the dry run has no GPU: every test is skipped (0) or none is collected (5)
-    ok = rc == 0 or (plan.dry_run and rc == 5)
-    rows.append({"check": "pytest -m cuda tests/test_cuda.py", "ok": ok, "seconds": secs,
-                 "problems": [] if ok else [f"exit status {rc} (pytest_cuda.log)"]})
+    if plan.pytest:
+        rc, secs = run([sys.executable, *PYTEST_CUDA], out / "pytest_cuda.log", plan.timeout("pytest_cuda"))
+        # the dry run has no GPU: every test is skipped (0) or none is collected (5)
+        ok = rc == 0 or (plan.dry_run and rc == 5)
+        rows.append({"check": "pytest -m cuda tests/test_cuda.py", "ok": ok, "seconds": secs,
+                     "problems": [] if ok else [f"exit status {rc} (pytest_cuda.log)"]})
 
     configs = {r.key: write_run_config(run_config(plan, r, data_dir(out, plan, r.data), out / "runs" / r.key),
                                       out / "runs" / f"{r.key}.yaml") for r in plan.runs}
@@ -393,7 +412,7 @@ def check(plan: Plan, out: Path) -> List[dict]:
     probed = [r for r in plan.runs if r.ranks == 1]
     probe_json = out / "autocast_probe.json"
     probe_json.unlink(missing_ok=True)
-    probe_rc, _ = run([sys.executable, "-m", "bench.gpu_check", "--device", plan.device, "--probe-out", probe_json,
+    probe_rc, _ = (1, 0.0) if not probed else run([sys.executable, "-m", "bench.gpu_check", "--device", plan.device, "--probe-out", probe_json,
                        "--autocast-probe", *[configs[r.key] for r in probed]], out / "autocast_probe.log",
                       plan.timeout("autocast_probe"))
     dtypes = json.loads(probe_json.read_text()) if probe_rc == 0 and probe_json.exists() else {}
@@ -423,6 +442,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="iterations per run (>= 4; the first half is warm-up)")
     p.add_argument("--dry-run", action="store_true", help="the same plan on CPU: tiny inputs, 2 steps, gloo")
     p.add_argument("--result", default=str(RESULT), help="where the result json goes too (not in a dry run)")
+    p.add_argument("--only", nargs="+", metavar="STEP",
+                   help="run only these steps (pytest_cuda, dset_float16, dset_bfloat16, ddp_2ranks, ddp_resume; "
+                        "default all): e.g. to measure one row again")
     p.add_argument("--autocast-probe", nargs="+", metavar="CONFIG", help=argparse.SUPPRESS)  # step 2, a subprocess
     p.add_argument("--probe-out", help=argparse.SUPPRESS)
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
@@ -437,7 +459,10 @@ def main(argv=None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here (--dry-run runs the same plan on CPU)", file=sys.stderr)
         return 2
-    plan = make_plan(args.dry_run, args.steps, 0 if args.dry_run else torch.cuda.device_count())
+    try:
+        plan = select(make_plan(args.dry_run, args.steps, 0 if args.dry_run else torch.cuda.device_count()), args.only)
+    except ValueError as e:
+        p.error(str(e))
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -447,7 +472,7 @@ def main(argv=None) -> int:
     result = {"device": "cpu (dry run)" if plan.dry_run else torch.cuda.get_device_name(0),
               "num_gpus": plan.num_gpus, "torch": torch.__version__, "dry_run": plan.dry_run,
               "date": time.strftime("%Y-%m-%d"), "steps": plan.steps, "timed_steps": plan.timed_steps,
-              "seconds": round(time.monotonic() - start, 1), "rows": rows, "table": table}
+              "seconds": round(time.monotonic() - start, 1), "only": args.only, "rows": rows, "table": table}
     paths = [out / "gpu_check.json"] + ([] if plan.dry_run else [Path(args.result)])
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)

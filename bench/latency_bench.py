@@ -24,7 +24,8 @@ Method: every setting (device, dtype, input, batch) builds all variants, warms e
 interleaved (A B C A B C ...) so that a shared machine's noise hits every variant alike; reported are the
 median, p25 and p75 of the repeats. FLOPs from torch.utils.flop_counter (multiply-add = 2 FLOPs, the CPU
 flash-attention kernel counted with the sdpa formula), at batch 1 times the batch. CUDA float16 rows run
-under torch.autocast. onnxruntime rows (CPU, --onnx) time the graphs of tools/export_onnx.py, end to end only
+under torch.autocast. cuda-graph rows (--cuda-graph): every model, the official one too, captured as one CUDA
+graph per setting and replayed (no per-kernel launch cost; end to end only). onnxruntime rows (CPU, --onnx) time the graphs of tools/export_onnx.py, end to end only
 (MoE in gather dispatch there, as tools/export_onnx.py exports by default: each expert on its own tokens).
 """
 from __future__ import annotations
@@ -232,6 +233,39 @@ def time_torch(variants: Dict[str, DeployModel], images, sizes, device: str, dty
     return res
 
 
+def time_graphed(variants: Dict[str, torch.nn.Module], images, sizes, dtype: str, repeats: int,
+                 warmup: int) -> Dict[str, dict]:
+    """Interleaved end-to-end timings of every variant replayed as a CUDA graph (src/zoo/rtdetr/cuda_graph.py,
+    captured after ``warmup`` eager forwards): name -> {e2e: [ms], stages: {}}, without a variant whose capture
+    failed (it says so). The graphs are freed after."""
+    from src.zoo.rtdetr.cuda_graph import GraphedDetector
+
+    device = images.device
+    graphs = {}
+    for name, deploy in variants.items():
+        try:
+            graphs[name] = GraphedDetector(deploy, images.shape[0], images.shape[-2:], str(device),
+                                           autocast=None if dtype == "float32" else dtype, warmup=max(1, warmup))
+        except RuntimeError as e:  # a model that cannot be captured: no row for it, the others still run
+            print(f"cuda-graph: {name} could not be captured, no row: {str(e).splitlines()[0]}", flush=True)
+            with contextlib.suppress(RuntimeError):
+                torch.cuda.synchronize(device)
+    sync = synchronizer(str(device))
+    for graphed in graphs.values():
+        graphed(images, sizes, copy=False)
+    res = {name: {"e2e": [], "stages": {}} for name in graphs}
+    for _ in range(repeats):
+        for name, graphed in graphs.items():  # interleaved: A B C A B C ...
+            sync()
+            start = time.perf_counter()
+            graphed(images, sizes, copy=False)
+            sync()
+            res[name]["e2e"].append((time.perf_counter() - start) * 1e3)
+    del graphs
+    torch.cuda.empty_cache()
+    return res
+
+
 def time_onnx(variants: Dict[str, DeployModel], images, sizes, hw, repeats: int, warmup: int,
               workdir: str) -> Dict[str, dict]:
     """Export every variant (deploy.export, as tools/export_onnx.py does) and time onnxruntime CPU sessions interleaved. The graphs
@@ -282,6 +316,8 @@ def settings(args) -> List[tuple]:
                 print("CUDA not available: skipping the cuda rows", file=sys.stderr)
                 continue
             rows += [("cuda", "cuda", "float32"), ("cuda", "cuda", "float16")]
+            if args.cuda_graph:
+                rows += [("cuda-graph", "cuda", "float32"), ("cuda-graph", "cuda", "float16")]
         else:
             raise ValueError(f"--devices: {dev!r} is not cpu or cuda")
     return rows
@@ -328,9 +364,13 @@ def run_bench(args) -> dict:
                     x, s = images.to(dev), sizes.to(dev)
                     if label == "onnxruntime-cpu":
                         timed = time_onnx(variants, x, s, hw, args.repeats, args.warmup, workdir)
+                    elif label == "cuda-graph":
+                        timed = time_graphed(variants, x, s, dtype, args.repeats, args.warmup)
                     else:
                         timed = time_torch(variants, x, s, dev, dtype, args.repeats, args.warmup)
                     for name, deploy in variants.items():
+                        if name not in timed:  # a failed CUDA-graph capture (printed)
+                            continue
                         if name not in flops_cache:  # FLOPs and kept fraction: CPU float32, batch 1
                             cpu_model = deploy.cpu() if name == "official" or dev == "cpu" else \
                                 build(name, hw, "cpu", args.extra)
@@ -435,6 +475,9 @@ def parse_args(argv=None):
     p.add_argument("--inputs", nargs="+", type=parse_hw, default=None, help="HxW sizes (default 640x640 736x1280)")
     p.add_argument("--batches", nargs="+", type=int, default=None, help="default 1 8")
     p.add_argument("--devices", nargs="+", default=None, help="cpu and/or cuda (cuda: float32 and float16 rows)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="with cuda: also rows 'cuda-graph' (float32 and float16), every model (the official one too) "
+                        "replayed as one CUDA graph (src/zoo/rtdetr/cuda_graph.py), end to end only")
     p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=None,
                    help="also time onnxruntime CPU on the exported graphs (default: on, off with --quick)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default 10, quick 3)")
@@ -453,6 +496,8 @@ def parse_args(argv=None):
     args.inputs = args.inputs or ([(192, 320)] if q else [(640, 640), (736, 1280)])
     args.batches = args.batches or ([1] if q else [1, 8])
     args.devices = args.devices or (["cpu"] if q else ["cpu", "cuda"])
+    if args.cuda_graph and "cuda" not in args.devices:
+        p.error(f"--cuda-graph adds rows to the cuda ones: add cuda to --devices (got {' '.join(args.devices)})")
     args.onnx = (not q) if args.onnx is None else args.onnx
     args.repeats = args.repeats or (3 if q else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if q else 2)

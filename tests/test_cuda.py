@@ -188,3 +188,30 @@ def test_a_dset_training_step_on_cuda_waits_for_the_device_only_where_intended()
             torch.cuda.set_sync_debug_mode(0)
     assert all(torch.isfinite(v).all() for v in losses.values())
     assert len(calls) == 2  # one batched matching per step: the only unchecked part
+
+
+def test_a_cuda_graph_of_the_deployed_dset_detector_replays_its_eager_detections(exact_float32):
+    """GraphedDetector (one CUDA graph per input shape) gives the eager model's detections on two different
+    batches in a row (its input buffers are refilled each call), float32 and float16 autocast, and refuses
+    another input shape."""
+    from src.zoo.rtdetr.cuda_graph import GraphedDetector
+    from src.zoo.rtdetr.deploy import DeployModel, fuse_for_inference, load_detector
+
+    torch.manual_seed(0)
+    _, model, post = load_detector("configs/dset4_r18_ratio0.3.yaml", ["input_size=[256, 320]"],
+                                   random_weights=True, device="cuda")
+    deploy = DeployModel(fuse_for_inference(model), post).eval()
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.rand(2, 3, 256, 320, generator=g).cuda() for _ in range(2)]
+    sizes = torch.tensor([[320, 256], [640, 512]], device="cuda")
+    for autocast in (None, "float16"):
+        graphed = GraphedDetector(deploy, 2, (256, 320), autocast=autocast)
+        for images in batches:
+            got = graphed(images, sizes)
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=autocast is not None):
+                ref = deploy(images, sizes)
+            assert torch.equal(got[0], ref[0]), autocast                      # labels
+            torch.testing.assert_close(got[1], ref[1], atol=1e-3, rtol=1e-4)  # boxes (pixels)
+            torch.testing.assert_close(got[2], ref[2], atol=1e-4, rtol=1e-3)  # scores
+    with pytest.raises(ValueError, match="captured for"):
+        graphed(batches[0][:1], sizes[:1])

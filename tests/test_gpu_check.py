@@ -225,6 +225,21 @@ def test_a_resume_whose_first_run_failed_is_not_launched_and_fails(tmp_path, mon
     assert "nothing to resume" in rows[4]["problems"][0] and not any("ddp_resume.yaml" in " ".join(c) for c in calls)
 
 
+def test_only_runs_the_chosen_steps_and_refuses_a_resume_without_its_run(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(gpu_check, "run", _fake_run(calls))
+    out = tmp_path / "out"
+    assert gpu_check.main(["--dry-run", "--out", str(out), "--only", "dset_bfloat16"]) == 0
+    result = json.loads((out / "gpu_check.json").read_text())
+    assert [r["key"] for r in result["rows"]] == ["dset_bfloat16"] and result["only"] == ["dset_bfloat16"]
+    probe, bf16 = calls  # no pytest, no other run; the probe for the one AMP row only
+    assert probe[-1] == str(out / "runs" / "dset_bfloat16.yaml") and "dset_bfloat16.yaml" in " ".join(bf16)
+    for only, message in ((["ddp_resume"], "add ddp_2ranks to --only"), (["dset_fp16"], "unknown step")):
+        with pytest.raises(SystemExit):
+            gpu_check.main(["--dry-run", "--out", str(out), "--only", *only])
+        assert message in capsys.readouterr().err
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 def test_is_running_treats_an_unreaped_zombie_as_ended():
     proc = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -90,3 +90,14 @@ def test_append_replaces_rows_measured_again_and_keeps_the_others_with_their_run
     assert [m["date"] for m in again["runs"]] == ["2026-12-02", "2026-12-03"]
     assert sorted((r["model"], r["run"]) for r in again["rows"]) == \
         [("dset_k0.3_moe", 1), ("plain_p5", 0), ("plain_p5", 0)]
+
+
+def test_cuda_graph_rows_need_the_cuda_rows_and_a_graph_needs_a_cuda_device(capsys):
+    from src.zoo.rtdetr.cuda_graph import GraphedDetector
+
+    with pytest.raises(SystemExit):
+        lb.parse_args(["--devices", "cpu", "--cuda-graph"])
+    assert "add cuda to --devices" in capsys.readouterr().err
+    assert lb.parse_args(["--devices", "cuda", "--cuda-graph"]).cuda_graph
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device, got device='cpu'"):
+        GraphedDetector(nn.Identity().eval(), 1, (32, 32), device="cpu")
