@@ -8,8 +8,10 @@ counts, inside ``train_step`` only (logging steps, hooks and evaluation are outs
 
 - on a CPU: calls that read a tensor value on the host: ``.item()`` / ``bool(t)`` / ``float(t)``
   (aten ``_local_scalar_dense``), ``nonzero`` (output size depends on the data), ``.tolist()`` and ``.cpu()``,
-  indexing with a boolean mask (``bool_mask_index``: a ``nonzero`` on CUDA, inside the kernel on a CPU), by the
-  calling file and line (not ``.numpy()``: it refuses a device tensor, so it never waits for one);
+  indexing with a boolean mask (``bool_mask_index``: a ``nonzero`` on CUDA, inside the kernel on a CPU), and
+  the autograd nodes of the loss whose CUDA backward reads the host (``prod_backward``: found in the graph
+  ``backward`` is called on, since under this counter's dispatch mode torch takes a path without the read), by
+  the calling file and line (not ``.numpy()``: it refuses a device tensor, so it never waits for one);
 - on CUDA instead: every synchronisation ``torch.cuda.set_sync_debug_mode("warn")`` reports (blocking copies
   included), by the repository line it comes from (``--explain-backward`` names the forward call of a sync
   inside the backward pass).
@@ -43,6 +45,26 @@ if str(REPO) not in sys.path:
 SYNC_OPS = {"_local_scalar_dense", "nonzero"}
 INDEX_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
 TENSOR_METHODS = ("tolist", "cpu")  # not .numpy(): it refuses a device tensor, so it never waits for one
+# autograd nodes whose CUDA backward reads a value on the host (prod's counts the zeros of its input: H200,
+# 2026-12-04, 7 per DSET step in the GIoU loss) but which take a path without that read under a dispatch mode such
+# as this counter's, so on a CPU they are found in the graph of the tensor ``backward`` is called on
+HOST_READING_BACKWARD_NODES = {"ProdBackward0": "prod_backward", "ProdBackward1": "prod_backward"}
+
+
+def host_reading_backward_nodes(root: torch.Tensor) -> Counter:
+    """Kinds (``HOST_READING_BACKWARD_NODES``) of the nodes of ``root``'s autograd graph whose backward reads the
+    device on CUDA -> how many of each."""
+    found, seen, stack = collections.Counter(), set(), [root.grad_fn]
+    while stack:  # the graph's nodes, each once
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        kind = HOST_READING_BACKWARD_NODES.get(type(node).__name__)
+        if kind:
+            found[kind] += 1
+        stack.extend(child for child, _ in node.next_functions)
+    return found
 
 
 def boolean_mask_index(name: str, args) -> bool:
@@ -94,6 +116,13 @@ class SyncCounter(TorchDispatchMode):
                 self.counts[(_name, _caller())] += 1
                 return _original(t, *a, **k)
             setattr(torch.Tensor, method, counted)
+        backward = self._saved["backward"] = torch.Tensor.backward
+
+        def counted_backward(t, *a, **k):
+            for kind, n in host_reading_backward_nodes(t).items():
+                self.counts[(kind, _caller())] += n
+            return backward(t, *a, **k)
+        torch.Tensor.backward = counted_backward
         return super().__enter__()
 
     def __exit__(self, *exc):

@@ -40,6 +40,22 @@ def test_the_counter_sees_boolean_mask_indexing_forward_and_backward_but_not_a_m
     assert x.grad.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
 
 
+def test_the_counter_finds_a_prod_in_the_graph_backward_runs_on_and_the_giou_loss_has_none():
+    """prod's CUDA backward counts the zeros of its input on the host (7 syncs per DSET step on an H200 before
+    ``side_product``); under a dispatch mode torch takes another path, so the counter reads the autograd graph."""
+    from src.nn.box_ops import elementwise_giou_loss
+
+    wh = torch.rand(5, 2, requires_grad=True)
+    with sync_count.SyncCounter() as c:
+        (wh.prod(-1).sum() + wh.prod()).backward()
+    assert collections_of(c.counts) == {"prod_backward": 2}
+    torch.testing.assert_close(wh.grad, wh.detach().flip(-1) + wh.detach().prod() / wh.detach())
+    boxes = torch.tensor([[0.1, 0.1, 0.5, 0.6], [0.2, 0.3, 0.4, 0.9]], requires_grad=True)
+    with sync_count.SyncCounter() as c:
+        elementwise_giou_loss(boxes, torch.tensor([[0.2, 0.1, 0.6, 0.5], [0.5, 0.5, 0.7, 0.7]])).sum().backward()
+    assert c.counts == {} and torch.Tensor.backward.__name__ == "backward"  # none; restored
+
+
 def collections_of(counts):
     out = {}
     for (kind, _), n in counts.items():
