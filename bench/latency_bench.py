@@ -51,6 +51,7 @@ from bench.official_model import check_same_outputs, load_official
 from src.core.run_config import config_path, merge_overrides
 from src.zoo.rtdetr.deploy import DeployModel, fuse_for_inference, load_detector
 
+REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = "dset4_r18_ratio0.3.yaml"   # under configs/
 KEEP_RATIOS = (1.0, 0.7, 0.5, 0.3)
 ALL_VARIANTS = ["plain_p5", "plain_p4p5"] + [f"dset_k{r}_{m}" for m in ("moe", "dense") for r in KEEP_RATIOS]
@@ -391,7 +392,7 @@ def run_bench(args) -> dict:
                                      "kept_fraction": kept, "run": 0})
                         print(_row_line(rows[-1]), flush=True)
                     del variants
-    argv = [scrub_path(a, args.official) for a in sys.argv[1:]]
+    argv = [portable_arg(a) for a in sys.argv[1:]]
     meta = {"date": datetime.date.today().isoformat(), "command": "python -m bench.latency_bench "
             + " ".join(argv), "quick": args.quick, "machine": machine(),
             "note": "random weights; FLOPs at batch 1 x batch; per-stage runs synchronise at stage "
@@ -399,12 +400,15 @@ def run_bench(args) -> dict:
     return {"meta": meta, "runs": [meta], "rows": rows}
 
 
-def scrub_path(arg: str, path) -> str:
-    """``arg`` with the ``--official`` folder replaced by PATH/<its name>: results name no machine's path."""
-    if not path:
+def portable_arg(arg: str) -> str:
+    """``arg`` (or the value of ``--opt=value``) without a machine's path: an absolute path inside the repository
+    becomes relative to it, any other one PATH/<its name>, so a recorded command names no machine's folders."""
+    head, eq, value = arg.partition("=") if arg.startswith("--") and "=" in arg else ("", "", arg)
+    if not value.startswith("/"):
         return arg
-    short = "PATH/" + Path(path).name
-    return short if arg == path else ("--official=" + short if arg == "--official=" + path else arg)
+    path = Path(value)
+    short = str(path.relative_to(REPO)) if REPO in path.parents else "PATH/" + path.name
+    return head + eq + short
 
 
 def merge_results(old: dict, new: dict) -> dict:

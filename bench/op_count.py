@@ -36,7 +36,7 @@ from typing import Dict, List
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.latency_bench import ALL_VARIANTS, build, build_official, machine, parse_hw
+from bench.latency_bench import ALL_VARIANTS, build, build_official, machine, parse_hw, portable_arg
 from bench.sync_count import CudaSyncLog, run_train_steps
 
 
@@ -149,8 +149,7 @@ def main(argv=None) -> int:
         if r.get("sync_lines"):
             print(f"- {r['model']} {r['input']} syncs: {r['sync_lines']}")
     if args.out:
-        command = "python -m bench.op_count " + " ".join(
-            "PATH/rtdetrv2_pytorch" if a == args.official else a for a in (argv or sys.argv[1:]))
+        command = "python -m bench.op_count " + " ".join(portable_arg(a) for a in (argv or sys.argv[1:]))
         Path(args.out).write_text(json.dumps({"command": command, "date": time.strftime("%Y-%m-%d"),
                                               "machine": machine(), "rows": rows}, indent=1))
     return 0

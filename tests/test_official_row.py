@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import src.core
-from bench.latency_bench import scrub_path, speed_vs_official
+from bench.latency_bench import REPO, portable_arg, speed_vs_official
 from bench.official_model import OFFICIAL_CONFIG, check_same_outputs, load_official
 
 FAKE_CORE = '''
@@ -100,5 +100,8 @@ def test_speed_against_the_official_row_is_official_over_model_per_setting():
 
 def test_the_recorded_command_names_no_machine_path():
     path = "/some/machine/RT-DETR/rtdetrv2_pytorch"
-    assert [scrub_path(a, path) for a in ["--official", path, "--official=" + path, "--quick"]] == \
-        ["--official", "PATH/rtdetrv2_pytorch", "--official=PATH/rtdetrv2_pytorch", "--quick"]
+    inside = str(REPO / "docs" / "results" / "latency.json")
+    args = ["--official", path, "--official=" + path, "--quick", "--out", inside, "--out=/root/out/x.json", "64x64"]
+    assert [portable_arg(a) for a in args] == ["--official", "PATH/rtdetrv2_pytorch", "--official=PATH/rtdetrv2_pytorch",
+                                              "--quick", "--out", "docs/results/latency.json", "--out=PATH/x.json",
+                                              "64x64"]
