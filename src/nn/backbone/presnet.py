@@ -15,11 +15,11 @@ from collections import OrderedDict
 from typing import List, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from src.core.registry import register
 from src.nn.backbone.common import ConvNormLayer, freeze_batch_norm2d, get_activation
+from src.nn.pooling import stem_max_pool
 
 __all__ = ["PResNet"]
 
@@ -193,7 +193,7 @@ class PResNet(nn.Module):
                            f"strip any 'backbone.' prefix and check depth/variant")
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        x = F.max_pool2d(self.conv1(x), kernel_size=3, stride=2, padding=1)
+        x = stem_max_pool(self.conv1(x))  # F.max_pool2d(x, 3, 2, 1), faster on a CPU in inference
         outs = []
         for idx, stage in enumerate(self.res_layers):
             x = stage(x)

@@ -1,0 +1,36 @@
+"""src/nn/pooling.py: the stem max pool equals F.max_pool2d bit for bit where it takes its own path, and leaves
+gradients, graph export and other devices to F.max_pool2d."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from src.nn.pooling import stem_max_pool
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 40, 40), (2, 3, 7, 5), (1, 2, 1, 1), (1, 2, 2, 3), (1, 4, 9, 1), (1, 1, 6, 8)])
+def test_the_stem_max_pool_equals_max_pool2d_bit_for_bit_on_odd_even_and_tiny_maps(shape):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g)
+    x[x < -1.0] = 0.0                                       # ties, as after a ReLU
+    x.view(-1)[:: max(1, x.numel() // 7)] = float("-inf")   # and -inf inputs
+    with torch.no_grad():
+        torch.testing.assert_close(stem_max_pool(x), F.max_pool2d(x, 3, 2, 1), rtol=0, atol=0)
+        x.view(-1)[x.numel() // 2] = float("nan")
+        got, ref = stem_max_pool(x), F.max_pool2d(x, 3, 2, 1)
+    assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.nan_to_num(), ref.nan_to_num())
+
+
+def test_with_a_gradient_the_stem_max_pool_gives_max_pool2d_its_gradient_on_ties():
+    x = torch.zeros(1, 1, 4, 4, requires_grad=True)  # every window tied: max pooling gives each gradient to one input
+    stem_max_pool(x).sum().backward()
+    ref = torch.zeros(1, 1, 4, 4, requires_grad=True)
+    F.max_pool2d(ref, 3, 2, 1).sum().backward()
+    assert torch.equal(x.grad, ref.grad) and set(x.grad.unique().tolist()) <= {0.0, 1.0, 2.0, 3.0, 4.0}
+
+
+def test_a_traced_stem_max_pool_is_one_max_pool_operator():
+    graph = torch.jit.trace(lambda t: stem_max_pool(t), torch.rand(1, 2, 8, 8)).graph
+    kinds = [n.kind() for n in graph.nodes()]
+    assert "aten::max_pool2d" in kinds and "aten::maximum" not in kinds
