@@ -18,6 +18,7 @@ import os
 import sys
 
 from src.core import ConfigError, DataError, YAMLConfig
+from src.misc.checkpoint import add_trust_option
 
 
 def parse_args(argv=None):
@@ -33,9 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an output directory that already holds one (last.pth / log.jsonl): "
                         "its checkpoints are replaced and the log is appended to")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="load legacy pickled checkpoints with weights_only=False; this can run code from "
-                        "the file, so use it only for files you trust")
+    add_trust_option(p)
     p.add_argument("-u", "--update", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override config keys, values parsed as YAML (e.g. -u epochs=3 dset.keep_ratio=0.5)")
     args = p.parse_args(argv)

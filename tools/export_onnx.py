@@ -23,6 +23,7 @@ import sys
 
 import torch
 
+from src.misc.checkpoint import add_trust_option
 from src.zoo.rtdetr.deploy import (OPSET, OUTPUT_NAMES, DeployModel, add_fuse_option, export,  # noqa: F401
                                    fuse_for_inference, load_detector, pruning_summary, set_moe_dispatch,
                                    write_class_metadata)
@@ -40,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--moe-dispatch", choices=("gather", "dense"), default="gather",
                    help="MoE layers in the graph: gather (default: each expert on its own tokens, NonZero shapes) "
                         "or dense (every expert on every token: static shapes, E / top_k x the expert work)")
-    p.add_argument("--trust-checkpoint", action="store_true", help="load legacy pickled checkpoints (runs code)")
+    add_trust_option(p)
     add_fuse_option(p)
     args = p.parse_args(argv)
     if bool(args.resume) == bool(args.random_weights):

@@ -32,6 +32,7 @@ import torch
 
 from src.data.classes import match_classes
 from src.data.coco_dataset import load_coco_json
+from src.misc.checkpoint import add_trust_option
 from src.misc.visualize import detection_figure, patch_rects
 from src.zoo.rtdetr.deploy import add_fuse_option, fuse_for_inference, load_detector
 
@@ -49,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("-u", "--update", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--limit", type=int, default=None, help="only the first N images (sorted by file name)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--trust-checkpoint", action="store_true", help="load legacy pickled checkpoints (runs code)")
+    add_trust_option(p)
     add_fuse_option(p)
     args = p.parse_args(argv)
     if bool(args.resume) == bool(args.random_weights):

@@ -115,6 +115,14 @@ def load_checkpoint(path: str | os.PathLike, trusted: bool = False, map_location
             f"the file). Original error: {str(e).splitlines()[0]}") from e
 
 
+def add_trust_option(parser) -> None:
+    """``--trust-checkpoint`` of every command that loads a checkpoint (train.py, tools/infer.py,
+    tools/export_onnx.py): ``load_checkpoint(..., trusted=args.trust_checkpoint)``."""
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load legacy pickled checkpoints with weights_only=False; this can run code from "
+                             "the file, so use it only for files you trust")
+
+
 def check_checkpoint_file(path: str) -> None:
     """Raise NotACheckpointError unless ``path`` looks like a complete torch.save file (cheap: magic bytes,
     and for the zip format the central directory at the end, which a truncated copy lacks)."""
