@@ -6,8 +6,10 @@
 #
 # OFFICIAL: an extracted rtdetrv2_pytorch of github:lyuwenyu/RT-DETR (or ""); STAGES: which of the stages below
 # to run, default "1 2 3 4". GPU_CHECK_ONLY (environment): the steps of stage 2 (bench/gpu_check.py --only;
-# default all but pytest_cuda, which stage 1 runs). By their time limits stages 1-3 take at most 9.5 min
-# (on an H200 about 6), stage 4 at most 2.
+# default all but pytest_cuda, which stage 1 runs). Time limits: stage 1 150 s, 2 400 s, 3 240 s, 4 120 s; under
+# a 10-minute limit per command run "1 3" (at most 6.5 min), then "2 4" (at most 8.7 min). On an H200
+# (2026-12-04) stage 1 took 108 s, stage 2 with GPU_CHECK_ONLY="dset_float16 dset_bfloat16" 138 s (the DDP rows
+# add about 90 s), stage 3 80 s.
 #
 # In order of importance, each with its own time limit, each writing into OUT as it ends (a later one that times
 # out loses nothing before it):
