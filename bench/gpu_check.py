@@ -436,12 +436,21 @@ def check(plan: Plan, out: Path) -> List[dict]:
     return rows
 
 
+def result_paths(out: Path, dry_run: bool, only, result: Optional[str]) -> List[Path]:
+    """Where the result json goes: OUT/gpu_check.json always; also ``--result``, else (not for a dry run or a
+    partial ``--only`` check, which must not replace the full record) docs/results/gpu_check.json."""
+    extra = result or (None if dry_run or only else str(RESULT))
+    return [out / "gpu_check.json"] + ([Path(extra)] if extra and not dry_run else [])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="output/gpu_check", help="data, configs, run folders and logs")
     p.add_argument("--steps", type=int, default=20, help="iterations per run (>= 4; the first half is warm-up)")
     p.add_argument("--dry-run", action="store_true", help="the same plan on CPU: tiny inputs, 2 steps, gloo")
-    p.add_argument("--result", default=str(RESULT), help="where the result json goes too (not in a dry run)")
+    p.add_argument("--result", default=None,
+                   help=f"where the result json goes too (not in a dry run; default {RESULT.relative_to(REPO)}, "
+                        f"except with --only: a partial check does not replace the full record unless given)")
     p.add_argument("--only", nargs="+", metavar="STEP",
                    help="run only these steps (pytest_cuda, dset_float16, dset_bfloat16, ddp_2ranks, ddp_resume; "
                         "default all): e.g. to measure one row again")
@@ -473,7 +482,7 @@ def main(argv=None) -> int:
               "num_gpus": plan.num_gpus, "torch": torch.__version__, "dry_run": plan.dry_run,
               "date": time.strftime("%Y-%m-%d"), "steps": plan.steps, "timed_steps": plan.timed_steps,
               "seconds": round(time.monotonic() - start, 1), "only": args.only, "rows": rows, "table": table}
-    paths = [out / "gpu_check.json"] + ([] if plan.dry_run else [Path(args.result)])
+    paths = result_paths(out, plan.dry_run, args.only, args.result)
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))

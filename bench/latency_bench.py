@@ -248,7 +248,7 @@ def time_graphed(variants: Dict[str, torch.nn.Module], images, sizes, dtype: str
             graphs[name] = GraphedDetector(deploy, images.shape[0], images.shape[-2:], str(device),
                                            autocast=None if dtype == "float32" else dtype, warmup=max(1, warmup))
         except RuntimeError as e:  # a model that cannot be captured: no row for it, the others still run
-            print(f"cuda-graph: {name} could not be captured, no row: {str(e).splitlines()[0]}", flush=True)
+            print(f"cuda-graph: {name} could not be captured, no row: {e}", flush=True)
             with contextlib.suppress(RuntimeError):
                 torch.cuda.synchronize(device)
     sync = synchronizer(str(device))
@@ -401,13 +401,17 @@ def run_bench(args) -> dict:
 
 
 def portable_arg(arg: str) -> str:
-    """``arg`` (or the value of ``--opt=value``) without a machine's path: an absolute path inside the repository
-    becomes relative to it, any other one PATH/<its name>, so a recorded command names no machine's folders."""
-    head, eq, value = arg.partition("=") if arg.startswith("--") and "=" in arg else ("", "", arg)
+    """``arg`` without a machine's path: an absolute path (the whole argument, or the value of ``--opt=value`` /
+    ``KEY=value``) inside the repository becomes relative to it, any other one PATH/<its name>, so a recorded
+    command names no machine's folders."""
+    head, eq, value = arg.partition("=") if "=" in arg else ("", "", arg)
     if not value.startswith("/"):
         return arg
-    path = Path(value)
-    short = str(path.relative_to(REPO)) if REPO in path.parents else "PATH/" + path.name
+    path = Path(value).resolve()
+    if path == REPO or REPO in path.parents:
+        short = str(path.relative_to(REPO)) or "."
+    else:
+        short = "PATH/" + path.name
     return head + eq + short
 
 

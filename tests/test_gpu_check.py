@@ -240,6 +240,14 @@ def test_only_runs_the_chosen_steps_and_refuses_a_resume_without_its_run(tmp_pat
         assert message in capsys.readouterr().err
 
 
+def test_a_partial_check_does_not_replace_the_full_record_unless_asked(tmp_path):
+    out, mine = tmp_path / "out", str(tmp_path / "mine.json")
+    assert gpu_check.result_paths(out, False, None, None) == [out / "gpu_check.json", gpu_check.RESULT]
+    assert gpu_check.result_paths(out, False, ["dset_float16"], None) == [out / "gpu_check.json"]
+    assert gpu_check.result_paths(out, False, ["dset_float16"], mine) == [out / "gpu_check.json", Path(mine)]
+    assert gpu_check.result_paths(out, True, None, mine) == [out / "gpu_check.json"]  # a dry run: OUT only
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 def test_is_running_treats_an_unreaped_zombie_as_ended():
     proc = subprocess.Popen([sys.executable, "-c", "pass"])

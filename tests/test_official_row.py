@@ -101,7 +101,8 @@ def test_speed_against_the_official_row_is_official_over_model_per_setting():
 def test_the_recorded_command_names_no_machine_path():
     path = "/some/machine/RT-DETR/rtdetrv2_pytorch"
     inside = str(REPO / "docs" / "results" / "latency.json")
-    args = ["--official", path, "--official=" + path, "--quick", "--out", inside, "--out=/root/out/x.json", "64x64"]
+    args = ["--official", path, "--official=" + path, "--quick", "--out", inside, "--out=/root/out/x.json", "64x64",
+            "data_root=/root/coco", "a.b=3", str(REPO), str(REPO / "docs" / ".." / "configs")]
     assert [portable_arg(a) for a in args] == ["--official", "PATH/rtdetrv2_pytorch", "--official=PATH/rtdetrv2_pytorch",
                                               "--quick", "--out", "docs/results/latency.json", "--out=PATH/x.json",
-                                              "64x64"]
+                                              "64x64", "data_root=PATH/coco", "a.b=3", ".", "configs"]

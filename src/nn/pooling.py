@@ -3,11 +3,12 @@
 PyTorch's CPU ``max_pool2d`` always computes the argmax indices too (``max_pool2d_with_indices``) and is slow on
 channels-first maps: 28 ms for the [1, 64, 320, 320] stem map of a 640x640 image on a 2-core AMD EPYC
 (2026-12-04), 6 % of the whole RT-DETRv2-R18 forward. The same maximum, taken separably with strided slices and
-``torch.maximum``, takes about 5 ms there and is bit-identical (a maximum is exact; NaN propagates in both).
+``torch.maximum``, takes about 5 ms there (``python -m bench.stem_pool_bench``) and gives the same values (a
+maximum is exact; NaN propagates in both; of a tied -0.0 and +0.0 either may come out, as they compare equal).
 
 Only for inference: where a gradient is needed, the autograd of ``torch.maximum`` would split it between tied
 inputs, while max pooling gives it to one (ties are common after a ReLU), so those calls keep ``F.max_pool2d``;
-so do graph export (one ``MaxPool`` node) and other devices (their kernel is fast).
+so do graph export (one ``MaxPool`` node), other devices and channels-last maps (their kernels are fast).
 """
 from __future__ import annotations
 
@@ -39,9 +40,12 @@ def _max3_stride2(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 def stem_max_pool(x: torch.Tensor) -> torch.Tensor:
     """``F.max_pool2d(x, kernel_size=3, stride=2, padding=1)``: [N, C, H, W] -> [N, C, ceil(H/2), ceil(W/2)],
-    computed separably on a CPU when no gradient is needed (bit-identical), else by ``F.max_pool2d``."""
+    computed separably for a contiguous (channels-first) floating-point map on a CPU when no gradient is needed
+    (the same values), else by ``F.max_pool2d``."""
     needs_grad = torch.is_grad_enabled() and x.requires_grad
-    if x.device.type != "cpu" or needs_grad or x.dim() != 4 or torch.jit.is_tracing() or torch.jit.is_scripting() \
-            or torch.onnx.is_in_onnx_export():
+    own_path = (x.device.type == "cpu" and not needs_grad and x.dim() == 4 and x.is_floating_point()
+                and x.numel() > 0 and x.is_contiguous()  # channels-last: PyTorch's own kernel is the fast one
+                and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()))
+    if not own_path:
         return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
     return _max3_stride2(_max3_stride2(x, 3), 2)

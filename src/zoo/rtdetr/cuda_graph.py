@@ -1,9 +1,9 @@
 """A deployed detector replayed as one CUDA graph: the same kernels, one launch instead of hundreds.
 
-At batch 1-8 on a large GPU the detector is launch-bound: an H200 runs the official RT-DETRv2-R18's 60 GFLOPs
-in 11.7 ms of PyTorch eager mode, most of it the host launching about 500 kernels one by one
-(docs/performance.md). A CUDA graph records the kernels of one forward once and replays them all with a single
-launch, so the time left is the GPU's own work, where DSET's pruning saves FLOPs.
+At batch 1 on a large GPU the detector is launch-bound: an H200 runs the official RT-DETRv2-R18's 60 GFLOPs at
+640x640 in 12.4 ms of PyTorch eager mode and in 3.3 ms as a graph (2026-12-04, docs/performance.md), the rest
+being the host launching about 500 kernels one by one. A CUDA graph records the kernels of one forward once and
+replays them all with a single launch, so the time left is the GPU's own work.
 
     graphed = GraphedDetector(DeployModel(fuse_for_inference(model), post), batch=1, hw=(736, 1280))
     labels, boxes, scores = graphed(images, orig_target_sizes)   # images [1, 3, 736, 1280] on cuda
@@ -53,17 +53,27 @@ class GraphedDetector:
             dev = torch.device("cuda", torch.cuda.current_device())
         self.device, self.autocast, self.deploy = dev, autocast, deploy
         h, w = int(hw[0]), int(hw[1])
-        self.images = torch.zeros(batch, 3, h, w, device=dev)                       # the graph's input buffers
-        self.sizes = torch.tensor([[w, h]] * batch, dtype=torch.int64).to(dev)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                self._forward()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = self._forward()                                          # the graph's output buffers
+        with torch.cuda.device(dev):  # every stream, buffer and kernel below on dev, whichever device is current
+            self.images = torch.zeros(batch, 3, h, w, device=dev)                   # the graph's input buffers
+            self.sizes = torch.tensor([[w, h]] * batch, dtype=torch.int64).to(dev)
+            caller = torch.cuda.current_stream(dev)
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(caller)
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    self._forward()
+            caller.wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(dev)):
+                    self.outputs = self._forward()                                  # the graph's output buffers
+            except RuntimeError as e:
+                torch.cuda.set_stream(caller)  # a failed capture can leave its stream current
+                cause = e.__context__ if isinstance(e.__context__, Exception) else e  # the op that broke it
+                first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+                raise RuntimeError(f"GraphedDetector: the forward could not be captured as a CUDA graph: {first} "
+                                   f"(a graph needs a forward without host syncs and data-dependent shapes; "
+                                   f"run the model eagerly)") from e
 
     def _forward(self) -> Tuple[Tensor, ...]:
         cast = (torch.autocast("cuda", dtype=_AUTOCAST_DTYPES[self.autocast], cache_enabled=False)
@@ -80,7 +90,8 @@ class GraphedDetector:
                 raise ValueError(f"GraphedDetector: {name} is {tuple(got.shape)} {got.dtype} on {got.device}; "
                                  f"the graph was captured for {tuple(want.shape)} {want.dtype} on {want.device} "
                                  f"(capture another GraphedDetector for other shapes)")
-        self.images.copy_(images)
-        self.sizes.copy_(orig_target_sizes)
-        self.graph.replay()
-        return tuple(t.clone() for t in self.outputs) if copy else self.outputs
+        with torch.cuda.device(self.device):
+            self.images.copy_(images)
+            self.sizes.copy_(orig_target_sizes)
+            self.graph.replay()
+            return tuple(t.clone() for t in self.outputs) if copy else self.outputs
