@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("--input", type=parse_hw, default=(640, 640), help="HxW of the network input")
     p.add_argument("--repeats", type=int, default=15)
     args = p.parse_args(argv)
+    if args.repeats < 2:
+        p.error("--repeats: at least 2 (quartiles)")
     h, w = args.input
     deploy = build(args.variant, (h, w), "cpu")
     feed = {"images": torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0)).numpy(),
