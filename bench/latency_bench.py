@@ -203,6 +203,21 @@ def quantiles(values_ms: List[float]) -> Dict[str, float]:
     return {"median_ms": statistics.median(values_ms), "p25_ms": q[0], "p75_ms": q[2]}
 
 
+def interleaved_ms(calls: Dict[str, Callable[[], object]], repeats: int,
+                   sync: Callable[[], None] = lambda: None) -> Dict[str, List[float]]:
+    """name -> the ms of each of ``repeats`` calls of ``calls[name]``, timed interleaved (A B C A B C ...) so that a
+    shared machine's noise hits every call alike; ``sync`` before and after each (the device's queue)."""
+    times: Dict[str, List[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            sync()
+            start = time.perf_counter()
+            call()
+            sync()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def time_torch(variants: Dict[str, DeployModel], images, sizes, device: str, dtype: str, repeats: int,
                warmup: int) -> Dict[str, dict]:
     """Interleaved end-to-end and per-stage timings of every variant: name -> {e2e: [ms], stages: {s: [ms]}}."""
@@ -216,14 +231,8 @@ def time_torch(variants: Dict[str, DeployModel], images, sizes, device: str, dty
     for deploy in variants.values():
         for _ in range(warmup):
             run(deploy)
-    res = {name: {"e2e": [], "stages": {}} for name in variants}
-    for _ in range(repeats):
-        for name, deploy in variants.items():  # interleaved: A B C A B C ...
-            sync()
-            start = time.perf_counter()
-            run(deploy)
-            sync()
-            res[name]["e2e"].append((time.perf_counter() - start) * 1e3)
+    e2e = interleaved_ms({name: (lambda d=deploy: run(d)) for name, deploy in variants.items()}, repeats, sync)
+    res = {name: {"e2e": e2e[name], "stages": {}} for name in variants}
     staged = {name: deploy for name, deploy in variants.items() if isinstance(deploy, DeployModel)}
     for _ in range(repeats):
         for name, deploy in staged.items():  # the official row: end to end only
@@ -254,17 +263,11 @@ def time_graphed(variants: Dict[str, torch.nn.Module], images, sizes, dtype: str
     sync = synchronizer(str(device))
     for graphed in graphs.values():
         graphed(images, sizes, copy=False)
-    res = {name: {"e2e": [], "stages": {}} for name in graphs}
-    for _ in range(repeats):
-        for name, graphed in graphs.items():  # interleaved: A B C A B C ...
-            sync()
-            start = time.perf_counter()
-            graphed(images, sizes, copy=False)
-            sync()
-            res[name]["e2e"].append((time.perf_counter() - start) * 1e3)
+    e2e = interleaved_ms({name: (lambda g=graphed: g(images, sizes, copy=False)) for name, graphed in graphs.items()},
+                         repeats, sync)
     del graphs
     torch.cuda.empty_cache()
-    return res
+    return {name: {"e2e": times, "stages": {}} for name, times in e2e.items()}
 
 
 def time_onnx(variants: Dict[str, DeployModel], images, sizes, hw, repeats: int, warmup: int,
@@ -286,13 +289,8 @@ def time_onnx(variants: Dict[str, DeployModel], images, sizes, hw, repeats: int,
     for sess in sessions.values():
         for _ in range(warmup):
             sess.run(None, feed)
-    res = {name: {"e2e": [], "stages": {}} for name in sessions}
-    for _ in range(repeats):
-        for name, sess in sessions.items():
-            start = time.perf_counter()
-            sess.run(None, feed)
-            res[name]["e2e"].append((time.perf_counter() - start) * 1e3)
-    return res
+    e2e = interleaved_ms({name: (lambda x=sess: x.run(None, feed)) for name, sess in sessions.items()}, repeats)
+    return {name: {"e2e": times, "stages": {}} for name, times in e2e.items()}
 
 
 def kept_fraction(deploy: DeployModel) -> Dict[str, float]:

@@ -11,14 +11,13 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 
-from bench.latency_bench import build, parse_hw
+from bench.latency_bench import build, interleaved_ms, parse_hw
 from src.zoo.rtdetr.deploy import export, set_moe_dispatch
 
 DISPATCHES = {"gather": "auto", "dense": "dense"}  # graph name -> MoEFFN.dispatch traced as that graph
@@ -46,12 +45,8 @@ def main(argv=None) -> int:
             nodes[name] = len(onnx.load(path).graph.node)
             sessions[name] = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     labels = {name: sess.run(None, feed)[0] for name, sess in sessions.items()}  # also the warm-up
-    times = {name: [] for name in sessions}
-    for _ in range(args.repeats):
-        for name, sess in sessions.items():  # interleaved
-            start = time.perf_counter()
-            sess.run(None, feed)
-            times[name].append((time.perf_counter() - start) * 1e3)
+    times = interleaved_ms({name: (lambda x=sess: x.run(None, feed)) for name, sess in sessions.items()},
+                           args.repeats)
     print(f"{args.variant} {h}x{w}, onnxruntime {ort.__version__} CPU, {args.repeats} interleaved repeats; "
           f"same top-k labels: {bool(np.array_equal(labels['gather'], labels['dense']))}")
     for name, values in times.items():

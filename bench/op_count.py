@@ -46,10 +46,6 @@ def top_level_aten_events(events) -> list:
     return [e for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
 
 
-def top_level_aten_ops(events) -> int:
-    return len(top_level_aten_events(events))
-
-
 def gpu_launches(events) -> int:
     """Kernels and memcpy / memset operations on the GPU."""
     return sum(1 for e in events if e.device_type.name == "CUDA")
@@ -68,7 +64,7 @@ def count_one(model: torch.nn.Module, images: torch.Tensor, sizes: torch.Tensor,
             if device == "cuda":
                 torch.cuda.synchronize()
         events = prof.events()
-        row = {"aten_ops": top_level_aten_ops(events)}
+        row = {"aten_ops": len(top_level_aten_events(events))}
         if device == "cuda":
             row["kernels"] = gpu_launches(events)
             with CudaSyncLog() as log:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import src.nn.backbone.presnet as presnet
-from bench.latency_bench import build, parse_hw
+from bench.latency_bench import build, interleaved_ms, parse_hw
 from src.nn.pooling import stem_max_pool
 
 
@@ -23,13 +22,7 @@ def interleaved(fns: dict, repeats: int) -> dict:
     """name -> median ms of ``fns[name]()``, timed A B A B ... after one untimed call each."""
     for fn in fns.values():
         fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(v) for name, v in times.items()}
+    return {name: statistics.median(v) for name, v in interleaved_ms(fns, repeats).items()}
 
 
 def main(argv=None) -> int:
