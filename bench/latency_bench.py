@@ -4,16 +4,16 @@
     python -m bench.latency_bench --quick          # 4 variants, 192x320, batch 1, CPU: under a minute
     python -m bench.latency_bench --devices cpu --inputs 736x1280 --batches 1 --repeats 20
 
-Variants (all from configs/dset4_r18_ratio0.3.yaml, DAIR-V2X head of 8 classes, random weights: latency does
-not depend on the weights except through DSET's data-dependent top-k and MoE routing):
+Variants (all from configs/dset4_r18_ratio0.3.yaml, DAIR-V2X head of 8 classes, random weights plus seeded
+noise so that no two layers are equal (see `build`): latency does not depend on the weights except through
+DSET's data-dependent top-k and MoE routing, and through work a runtime can share between equal layers):
   plain_p5              the official RT-DETRv2-R18 (AIFI on P5), DSET off
   plain_p4p5            AIFI on P4 and P5, DSET off
   dset_k{1.0,0.7,0.5,0.3}_moe    DSET (pruner on P4+P5, MoE in encoder and decoder) at that keep ratio
   dset_k{...}_dense              the same without MoE (dense FFNs)
   official              with --official PATH: the official implementation (github:lyuwenyu/RT-DETR,
-                        rtdetrv2_pytorch) with plain_p5's weights plus seeded noise (random init gives every
-                        query the same score, so top-k ties would make any two implementations disagree);
-                        refused unless its detections equal plain_p5's with those weights (bench/official_model.py)
+                        rtdetrv2_pytorch) with plain_p5's weights; refused unless its detections equal
+                        plain_p5's (bench/official_model.py)
 
 Stages (per-stage runs synchronise at every stage boundary; the end-to-end figure is measured in separate
 runs without that): backbone, encoder_proj (input projections), aifi_p4 / aifi_p5 (pruner + attention
@@ -80,11 +80,18 @@ def variant_overrides(name: str, hw: Sequence[int]) -> dict:
 
 
 def build(name: str, hw, device: str, extra: Sequence[str] = (), fuse: bool = True) -> DeployModel:
-    """A variant with random weights (seed 0); ``extra``: -u overrides on top of the variant's. ``fuse``: as
-    deployed (``fuse_for_inference``: RepVGG blocks and conv-norm layers folded, as the tools run it)."""
+    """A variant with random weights (seed 0) made tie-free (``tie_free_weights``); ``extra``: -u overrides on
+    top of the variant's. ``fuse``: as deployed (``fuse_for_inference``: RepVGG blocks and conv-norm layers
+    folded, as the tools run it).
+
+    Tie-free matters beyond top-k ties: the decoder's layers are deep copies of one initialised layer, so with
+    plain random init they hold identical weights, and onnxruntime then computes their shared work once
+    (identical initialisers, then common subexpressions: each layer's value projection of the same memory).
+    A trained model has distinct layers; so do these."""
     torch.manual_seed(0)
     _, model, post = load_detector(str(config_path(BASE_CONFIG)), merge_overrides(variant_overrides(name, hw), extra),
                                    random_weights=True, device=device)
+    model.load_state_dict(tie_free_weights(model))
     return DeployModel(fuse_for_inference(model) if fuse else model, post).eval()
 
 
@@ -98,8 +105,7 @@ def tie_free_weights(model: torch.nn.Module, std: float = 0.05) -> dict:
 def build_official(path: str, hw, device: str, extra: Sequence[str] = ()):
     """The official row at input ``hw``: checked against plain_p5 with the same (tie-free) weights on CPU."""
     ours = build("plain_p5", hw, "cpu", extra, fuse=False)  # the official model's state-dict keys
-    weights = tie_free_weights(ours.model)
-    ours.model.load_state_dict(weights)
+    weights = ours.model.state_dict()                        # plain_p5's row has these weights too
     official = load_official(path, hw, ours.postprocessor.num_classes, weights, "cpu")
     images = torch.rand(1, 3, *hw, generator=torch.Generator().manual_seed(2))
     diff = check_same_outputs(official, ours, images, torch.tensor([[hw[1], hw[0]]], dtype=torch.int64))

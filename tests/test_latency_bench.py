@@ -101,3 +101,19 @@ def test_cuda_graph_rows_need_the_cuda_rows_and_a_graph_needs_a_cuda_device(caps
     assert lb.parse_args(["--devices", "cuda", "--cuda-graph"]).cuda_graph
     with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device, got device='cpu'"):
         GraphedDetector(nn.Identity().eval(), 1, (32, 32), device="cpu")
+
+
+def test_bench_variants_have_no_two_equal_weight_tensors_so_a_runtime_cannot_share_layer_work():
+    """With plain random init the decoder layers are deep copies (equal weights), and onnxruntime then ran
+    their value projections of the same memory once: the bench's onnxruntime rows of this repo were faster
+    than a trained model's. Every parameter tensor of a bench variant must differ from every other of its shape."""
+    deploy = lb.build("dset_k0.3_moe", (128, 128), "cpu", fuse=False)
+    tensors = [(k, v) for k, v in deploy.model.state_dict().items()
+               if v.is_floating_point() and v.numel() > 1 and "running_" not in k]
+    by_shape = {}
+    for key, value in tensors:
+        for other_key, other in by_shape.get((value.shape, value.dtype), []):
+            assert not torch.equal(value, other), f"{key} equals {other_key}"
+        by_shape.setdefault((value.shape, value.dtype), []).append((key, value))
+    value_projs = [k for k, _ in tensors if k.endswith("cross_attn.value_proj.weight")]
+    assert len(value_projs) == 3  # the decoder's layers: the case that mattered
