@@ -161,10 +161,10 @@ def test_graph_export_traces_gather_or_an_explicit_dense_dispatch_and_generalise
     x = torch.randn(6, 8)
     traced = torch.jit.trace(moe, x, check_trace=False)
     graph = str(traced.graph)
-    # gather: per-expert NonZero shapes computed at run time; dense: einsum over all experts; never the
-    # sorted form's split, whose group sizes the trace would freeze
-    assert ("nonzero" in graph, "einsum" in graph, "split" in graph) == (traced_as == "gather", traced_as == "dense",
-                                                                        False)
+    # gather: the assignments sorted by expert, each expert's slice bounds computed at run time; dense: einsum
+    # over all experts; never the sorted form's split, whose group sizes the trace would freeze
+    assert ("aten::argsort" in graph, "einsum" in graph, "split" in graph) == (traced_as == "gather",
+                                                                          traced_as == "dense", False)
     for n in (6, 11, 1):  # token counts other than the traced one, routed differently
         y = torch.randn(n, 8)
         torch.testing.assert_close(traced(y), moe(y), atol=1e-5, rtol=1e-5)

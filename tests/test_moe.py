@@ -243,3 +243,39 @@ def test_routing_under_bfloat16_autocast_keeps_float32_router_logits_and_is_clos
     assert probs.dtype == torch.float32 and top_weight.dtype == torch.float32
     torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.05)  # bfloat16 experts: 3 significant digits
     assert (top_idx.sort(-1).values == moe.gate(x).topk(2, -1).indices.sort(-1).values).float().mean() > 0.9
+
+
+def _export_moe(moe: MoEFFN, path: str, tokens: int = 6) -> None:
+    """The MoE alone as an ONNX graph with a dynamic token axis, traced as graph export traces it."""
+    import warnings
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(moe, (torch.randn(tokens, moe.d_model),), path, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "T"}, "y": {0: "T"}}, opset_version=17, dynamo=False)
+
+
+def test_the_exported_gather_dispatch_equals_the_dense_reference_for_any_token_count_and_routing(tmp_path):
+    """The export form (tokens sorted by expert, each expert on a slice whose bounds the graph computes):
+    eager and in onnxruntime, for token counts and routings other than the traced ones, including experts
+    that get no token and all tokens on one expert pair."""
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    moe = MoEFFN(16, 24, num_experts=4, top_k=2, noise_std=0.0, activation="gelu").eval()
+    path = str(tmp_path / "moe.onnx")
+    _export_moe(moe, path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    cases = [torch.randn(n, 16) for n in (1, 6, 7, 50)]
+    skewed = torch.randn(9, 16)
+    with torch.no_grad():
+        for x in cases:
+            _, top_idx, top_weight = moe.route(x)
+            torch.testing.assert_close(moe._gathered(x, top_idx, top_weight), dense_reference(moe, x),
+                                       atol=1e-5, rtol=1e-5)
+            (y,) = session.run(None, {"x": x.numpy()})
+            torch.testing.assert_close(torch.from_numpy(y), dense_reference(moe, x), atol=1e-5, rtol=1e-5)
+        moe.gate.bias.copy_(torch.tensor([0.0, 0.0, 50.0, 50.0]))  # experts 0 and 1 get no token
+        _export_moe(moe, path)
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        assert set(moe.route(skewed)[1].flatten().tolist()) == {2, 3}
+        (y,) = session.run(None, {"x": skewed.numpy()})
+        torch.testing.assert_close(torch.from_numpy(y), dense_reference(moe, skewed), atol=1e-5, rtol=1e-5)

@@ -29,9 +29,9 @@ _ACTIVATIONS = ("relu", "gelu", "silu")  # built with src.nn.activation.get_acti
 #           shapes, no host read): what graph export needs, and what keeps a GPU step free of syncs;
 #   auto:   dense on CUDA, sorted elsewhere (on a CPU a host read costs nothing, FLOPs do).
 # Graph export (tracing) cannot keep the sorted form (its group sizes would become constants): it traces
-#   gather: per expert, its assignments found with nonzero (ONNX NonZero: a shape the runtime computes),
-#           gathered, run and scatter-added back (top_k / E of the dense work), unless dispatch is
-#           explicitly dense (runtimes that want static shapes, e.g. TensorRT).
+#   gather: the sorted form with its group bounds as tensors (ONNX Slice with computed bounds): the tokens
+#           gathered in expert order, each expert on its slice, the outputs gathered back (top_k / E of the
+#           dense work), unless dispatch is explicitly dense (runtimes that want static shapes, e.g. TensorRT).
 MOE_DISPATCHES = ("auto", "sorted", "dense")
 _EXPERT_PARAMS = (("w1", "linear1.weight"), ("b1", "linear1.bias"), ("w2", "linear2.weight"), ("b2", "linear2.bias"))
 
@@ -167,17 +167,25 @@ class MoEFFN(nn.Module):
         return (top_weight.unsqueeze(-1).to(y_assign.dtype) * y_assign.view(num_tokens, k, -1)).sum(1)
 
     def _gathered(self, flat: torch.Tensor, top_idx: torch.Tensor, top_weight: torch.Tensor) -> torch.Tensor:
-        """Per expert: its (token, slot) assignments by ``nonzero``, the tokens gathered, the expert run on
-        them and the weighted outputs scatter-added back -> [T, D]. The work of ``sorted`` with shapes a graph
-        computes at run time (ONNX NonZero / Gather / ScatterElements add): what graph export traces."""
-        out = torch.zeros_like(flat)
-        index_cols = flat.shape[1]
-        for e in range(self.num_experts):  # loop over experts, never over tokens
-            token, slot = (top_idx == e).nonzero(as_tuple=True)                     # [A_e] each
-            y = self._expert(e, flat.index_select(0, token))                          # [A_e, D]
-            y = y * top_weight[token, slot].unsqueeze(-1).to(y.dtype)
-            out = out.scatter_add(0, token.unsqueeze(-1).expand(-1, index_cols), y.to(out.dtype))
-        return out
+        """The sorted dispatch with shapes a graph computes at run time (what graph export traces) -> [T, D].
+
+        The T*K assignments are sorted by expert; expert e runs on its slice ``[end_{e-1}, end_e)`` of the
+        sorted tokens, with the slice bounds kept as tensors (ONNX Slice with computed starts / ends, not
+        constants); the outputs are put back in assignment order by one row gather with the inverse
+        permutation and mixed with the top-k weights. No scatter-add over [T, D] elements (onnxruntime's
+        ScatterElements is an element-by-element loop, about 1 % of a 640x640 DSET graph's time)."""
+        num_tokens, k = flat.shape[0], self.top_k
+        expert_of = top_idx.reshape(-1)                                                # [T*K]
+        order = torch.argsort(expert_of)                                               # [T*K], grouped by expert
+        experts = torch.arange(self.num_experts, device=flat.device)
+        ends = (expert_of.unsqueeze(0) <= experts.unsqueeze(1)).sum(1)                 # [E] end of each group
+        x_sorted = flat.index_select(0, torch.div(order, k, rounding_mode="floor"))    # token of assignment t*K+j
+        starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+        y_sorted = torch.cat([self._expert(e, x_sorted[starts[e]:ends[e]])           # loop over experts only
+                              for e in range(self.num_experts)], 0)                     # [T*K, D]
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
+        y = y_sorted.index_select(0, inverse).view(num_tokens, k, -1)                  # assignment order
+        return (top_weight.unsqueeze(-1).to(y.dtype) * y).sum(1)
 
     def resolved_dispatch(self, device: torch.device) -> str:
         """``sorted``, ``dense`` or (graph export / tracing only) ``gather``: what ``dispatch`` means for
