@@ -188,6 +188,37 @@ def test_msdeformable_attention_samples_around_the_reference_box():
     assert torch.allclose(out, expected, atol=1e-6)
 
 
+def test_value_from_level_maps_equals_value_from_tokens_and_the_linear_projection_with_a_padding_mask():
+    """MSDeformableAttention projects its value as a 1x1 conv per level map: the same as nn.Linear on the
+    tokens (the reference below), from tokens or from the maps, with padding tokens zeroed, and a gradient
+    that reaches value_proj."""
+    torch.manual_seed(3)
+    attn = MSDeformableAttention(embed_dim=8, num_heads=2, num_levels=2, num_points=[2, 3])
+    shapes = [(3, 5), (2, 2)]
+    batch, queries = 2, 4
+    query = torch.randn(batch, queries, 8)
+    reference = torch.rand(batch, queries, 1, 4) * 0.5 + 0.25
+    maps = [torch.randn(batch, 8, h, w) for h, w in shapes]
+    tokens = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)  # [B, 19, 8]
+    mask = torch.rand(batch, 19) > 0.3
+
+    out_tokens = attn(query, reference, tokens, shapes, mask)
+    out_maps = attn(query, reference, maps, shapes, mask)
+
+    offsets = attn.sampling_offsets(query).reshape(batch, queries, 2, 5, 2)
+    weights = attn.attention_weights(query).reshape(batch, queries, 2, 5).softmax(-1)
+    locations = reference[..., :2].unsqueeze(2) + offsets * attn.num_points_scale[:, None] * \
+        reference[..., 2:].unsqueeze(2) * 0.5
+    value = (attn.value_proj(tokens) * mask.unsqueeze(-1)).reshape(batch, 19, 2, 4)
+    expected = attn.output_proj(multi_scale_deformable_attention_core(value, shapes, locations, weights, [2, 3]))
+    torch.testing.assert_close(out_tokens, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_maps, expected, atol=1e-5, rtol=1e-5)
+    out_maps.sum().backward()
+    assert attn.value_proj.weight.grad is not None and attn.value_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="do not match"):
+        attn(query, reference, maps[::-1], shapes)
+
+
 # ---------------------------------------------------------------- denoising
 def test_denoising_attention_mask_isolates_groups():
     mask = denoising_attention_mask(num_denoising=4, group_size=2, num_queries=2)

@@ -69,8 +69,11 @@ def run_with_probes(model, feats, targets=None):
     """The module's output dict and what it computed on the way: the encoder-head tables over all anchors and
     the decoder's inputs (content, logit-space reference boxes, self-attention mask)."""
     seen = {}
-    hooks = [model.enc_output.register_forward_hook(lambda m, args, out: seen.update(enc_memory=out)),
-             model.enc_score_head.register_forward_hook(lambda m, args, out: seen.update(enc_logits=out)),
+    batch = feats[0].shape[0]  # the heads run on [B*L, c] rows; the tables are read back as [B, L, c]
+    hooks = [model.enc_output.register_forward_hook(
+                 lambda m, args, out: seen.update(enc_memory=out.reshape(batch, -1, out.shape[-1]))),
+             model.enc_score_head.register_forward_hook(
+                 lambda m, args, out: seen.update(enc_logits=out.reshape(batch, -1, out.shape[-1]))),
              model.decoder.register_forward_pre_hook(
                  lambda m, args, kwargs: seen.update(content=args[0], ref_unact=args[1],
                                                      attn_mask=kwargs.get("attn_mask")), with_kwargs=True)]

@@ -13,6 +13,7 @@ from helpers_tiny_run import tiny_config_dict
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+from src.zoo.rtdetr.deformable_attention import MSDeformableAttention  # noqa: E402
 from src.zoo.rtdetr.deploy import DeployModel, fuse_for_inference, load_detector, set_moe_dispatch  # noqa: E402
 from src.zoo.rtdetr.moe import MoEFFN  # noqa: E402
 from tools import export_onnx  # noqa: E402
@@ -49,8 +50,12 @@ def test_onnxruntime_matches_pytorch_with_the_deployment_interface(tmp_path, dse
 
     graph = onnx.load(out).graph
     ops = {n.op_type for n in graph.node}
-    # one graph Conv per module conv: the fused model exports each merged RepVGG block as one Conv
-    assert sum(n.op_type == "Conv" for n in graph.node) == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    # one graph Conv per module conv (the fused model exports each merged RepVGG block as one Conv), plus the
+    # decoder's value projections, a 1x1 Conv per layer and level (MSDeformableAttention.value_levels)
+    value_convs = sum(m.num_levels for m in model.modules() if isinstance(m, MSDeformableAttention))
+    assert value_convs > 0
+    assert sum(n.op_type == "Conv" for n in graph.node) == \
+        sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) + value_convs
     if dset:  # the MoE layers' form in the graph
         moe_ops = {n.op_type for n in graph.node if "/moe/" in n.name}
         assert ("TopK" in moe_ops and "Slice" in moe_ops) == (dispatch == "sorted")  # router top-k + argsort

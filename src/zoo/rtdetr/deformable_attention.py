@@ -1,6 +1,7 @@
 """Multi-scale deformable attention (Deformable DETR, RT-DETRv2 variant with per-level point counts).
 
-``multi_scale_deformable_attention_core`` is the pure sampling-and-weighting maths;
+``multi_scale_deformable_attention_core`` is the pure sampling-and-weighting maths (``sample_value_levels`` the
+same on one value map per level);
 ``MSDeformableAttention`` is the module with the projections (state-dict keys as in RT-DETRv2:
 ``num_points_scale`` buffer, ``sampling_offsets``, ``attention_weights``, ``value_proj``, ``output_proj``).
 
@@ -45,24 +46,46 @@ def multi_scale_deformable_attention_core(value: Tensor,
         [B, Lq, M * D] (head-major channels).
     """
     batch, _, num_heads, head_dim = value.shape
-    num_queries = sampling_locations.shape[1]
     level_sizes = [h * w for h, w in spatial_shapes]
     if sum(level_sizes) != value.shape[1]:
         raise ValueError(f"deformable attention: spatial_shapes {list(spatial_shapes)} cover {sum(level_sizes)} "
                          f"tokens but value has {value.shape[1]}; pass the (h, w) of every level of value")
+    # [B, Lv, M, D] -> [B*M, D, Lv], split per level into maps [B*M, D, h_l, w_l]
+    value_levels = [v.reshape(batch * num_heads, head_dim, h, w) for (h, w), v in
+                    zip(spatial_shapes, value.permute(0, 2, 3, 1).flatten(0, 1).split(level_sizes, dim=-1))]
+    return sample_value_levels(value_levels, sampling_locations, attention_weights, num_points_list, method)
+
+
+def sample_value_levels(value_levels: Sequence[Tensor],
+                        sampling_locations: Tensor,
+                        attention_weights: Tensor,
+                        num_points_list: Sequence[int],
+                        method: str = "default") -> Tensor:
+    """``multi_scale_deformable_attention_core`` on value already laid out as one map per level.
+
+    Args:
+        value_levels: L maps [B*M, D, h_l, w_l] (batch-major, then head).
+        sampling_locations, attention_weights, num_points_list, method: as in
+            ``multi_scale_deformable_attention_core``.
+
+    Returns:
+        [B, Lq, M * D] (head-major channels).
+    """
+    batch, num_queries, num_heads = sampling_locations.shape[:3]
+    head_dim = value_levels[0].shape[1]
+    if len(value_levels) != len(num_points_list):
+        raise ValueError(f"deformable attention: {len(value_levels)} value levels but num_points_list "
+                         f"{list(num_points_list)} lists {len(num_points_list)}; give one point count per level")
     if sum(num_points_list) != sampling_locations.shape[3]:
         raise ValueError(f"deformable attention: num_points_list {list(num_points_list)} sums to "
                          f"{sum(num_points_list)} but sampling_locations has {sampling_locations.shape[3]} points")
 
-    # [B, Lv, M, D] -> [B*M, D, Lv], split per level
-    value_levels = value.permute(0, 2, 3, 1).flatten(0, 1).split(level_sizes, dim=-1)
     # [B, Lq, M, P, 2] -> [B*M, Lq, P, 2], split per level along the point axis
     locations = sampling_locations.permute(0, 2, 1, 3, 4).flatten(0, 1)
     location_levels = locations.split(list(num_points_list), dim=-2)
 
     sampled = []
-    for (h, w), value_l, loc_l in zip(spatial_shapes, value_levels, location_levels):
-        value_l = value_l.reshape(batch * num_heads, head_dim, h, w)
+    for value_l, loc_l in zip(value_levels, location_levels):
         if method == "default":
             # grid_sample wants [-1, 1]; -> [B*M, D, Lq, P_l]
             sampled.append(F.grid_sample(value_l, 2 * loc_l - 1, mode="bilinear",
@@ -163,13 +186,50 @@ class MSDeformableAttention(nn.Module):
             reference = reference.repeat_interleave(repeats, dim=2, output_size=sum(self.num_points_list))
         return reference.unsqueeze(2)
 
+    def value_levels(self, value, value_spatial_shapes: Sequence[Tuple[int, int]],
+                     value_mask: Optional[Tensor] = None) -> List[Tensor]:
+        """The projected value of every level, as maps [B*M, D, h_l, w_l].
+
+        Args:
+            value: [B, Lv, C] tokens (levels concatenated, row-major), or the L levels' maps [B, C, h_l, w_l]
+                (the same tokens laid out as maps).
+            value_spatial_shapes: L pairs (h_l, w_l).
+            value_mask: optional [B, Lv] bool, True for real (non-padding) tokens.
+
+        ``value_proj`` runs as a 1x1 convolution on each level's map: its output channels are head-major, so
+        [B, M*D, h, w] is [B*M, D, h, w] without a copy, and maps need no transpose before the sampling (on
+        tokens, the projection's output would have to be transposed for each layer).
+        """
+        sizes = [h * w for h, w in value_spatial_shapes]
+        if isinstance(value, Tensor):
+            if sum(sizes) != value.shape[1]:
+                raise ValueError(f"MSDeformableAttention: value_spatial_shapes {list(value_spatial_shapes)} cover "
+                                 f"{sum(sizes)} tokens but value has {value.shape[1]}")
+            maps = [v.reshape(v.shape[0], v.shape[1], h, w) for (h, w), v in
+                    zip(value_spatial_shapes, value.transpose(1, 2).split(sizes, dim=-1))]
+        else:
+            maps = list(value)
+            got = [tuple(m.shape[-2:]) for m in maps]
+            if got != [tuple(hw) for hw in value_spatial_shapes]:
+                raise ValueError(f"MSDeformableAttention: value maps of sizes {got} do not match "
+                                 f"value_spatial_shapes {list(value_spatial_shapes)}")
+        masks = value_mask.split(sizes, dim=1) if value_mask is not None else [None] * len(maps)
+        weight = self.value_proj.weight[:, :, None, None]
+        levels = []
+        for (h, w), map_l, mask_l in zip(value_spatial_shapes, maps, masks):
+            v = F.conv2d(map_l, weight, self.value_proj.bias)  # [B, M*D, h, w]
+            if mask_l is not None:
+                v = v * mask_l.to(v.dtype).reshape(v.shape[0], 1, h, w)
+            levels.append(v.reshape(v.shape[0] * self.num_heads, self.head_dim, h, w))
+        return levels
+
     def forward(self, query: Tensor, reference_points: Tensor, value: Tensor,
                 value_spatial_shapes: Sequence[Tuple[int, int]], value_mask: Optional[Tensor] = None) -> Tensor:
         """
         Args:
             query: [B, Lq, C].
             reference_points: [B, Lq, 1 or L, 4] boxes (cx, cy, w, h) in [0, 1], or [B, Lq, 1 or L, 2] points.
-            value: [B, Lv, C].
+            value: [B, Lv, C] tokens, or the L levels' maps [B, C, h_l, w_l] (``value_levels``).
             value_spatial_shapes: L pairs (h_l, w_l).
             value_mask: optional [B, Lv] bool, True for real (non-padding) tokens.
 
@@ -179,10 +239,7 @@ class MSDeformableAttention(nn.Module):
         batch, num_queries = query.shape[:2]
         total_points = sum(self.num_points_list)
 
-        value = self.value_proj(value)
-        if value_mask is not None:
-            value = value * value_mask.to(value.dtype).unsqueeze(-1)
-        value = value.reshape(batch, value.shape[1], self.num_heads, self.head_dim)
+        levels = self.value_levels(value, value_spatial_shapes, value_mask)
 
         offsets = self.sampling_offsets(query).reshape(batch, num_queries, self.num_heads, total_points, 2)
         weights = self.attention_weights(query).reshape(batch, num_queries, self.num_heads, total_points)
@@ -201,6 +258,5 @@ class MSDeformableAttention(nn.Module):
             raise ValueError(f"MSDeformableAttention: reference_points last dim must be 2 (points) or 4 (boxes), "
                              f"got shape {tuple(reference_points.shape)}")
 
-        output = multi_scale_deformable_attention_core(value, value_spatial_shapes, locations, weights,
-                                                       self.num_points_list, self.method)
+        output = sample_value_levels(levels, locations, weights, self.num_points_list, self.method)
         return self.output_proj(output)

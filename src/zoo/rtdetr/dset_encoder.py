@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from src.core.registry import register
+from src.nn.rows import scatter_rows
 from src.zoo.rtdetr.dset_config import DSETConfig
 from src.zoo.rtdetr.hybrid_encoder import HybridEncoder
 from src.zoo.rtdetr.moe import replace_ffn_with_moe
@@ -75,18 +76,20 @@ class DSETHybridEncoder(HybridEncoder):
         if not info["pruned"]:
             return self.encoder[enc_i](src, pos_embed=pos_embed)
         b, n, c = src.shape
-        gather_idx = kept_idx.unsqueeze(-1).expand(-1, -1, c)
-        kept_pos = pos_embed.expand(b, -1, -1).gather(1, gather_idx)
+        if pos_embed.shape[0] != 1:
+            raise ValueError(f"DSET encoder: pos_embed must be one table [1, N, C] shared by the batch, got "
+                             f"{tuple(pos_embed.shape)}")
+        # shared by the batch: one row gather from it, no [B, N, C] copy
+        kept_pos = pos_embed[0].index_select(0, kept_idx.flatten()).reshape(b, -1, c)
         patch = self.pruners[enc_i].patch_size
         if int(hw[0]) % patch == 0 and int(hw[1]) % patch == 0:
             # whole patches (a static fact of the map size): every slot is a real cell, so the attention needs
             # no key-padding mask (the mask-free kernel) and the scatter no scratch row; same outputs
             memory = self.encoder[enc_i](kept, pos_embed=kept_pos)
-            return src.scatter(1, gather_idx, memory.to(src.dtype))
+            return scatter_rows(src, kept_idx, memory)
         valid = info["kept_valid"]
         memory = self.encoder[enc_i](kept, pos_embed=kept_pos, src_key_padding_mask=~valid)
         # scatter valid slots back; invalid slots go to a scratch row n that is dropped afterwards
-        target_idx = torch.where(valid, kept_idx, torch.full_like(kept_idx, n)).unsqueeze(-1).expand(-1, -1, c)
+        target_idx = torch.where(valid, kept_idx, torch.full_like(kept_idx, n))
         out = torch.cat([src, src.new_zeros(b, 1, c)], dim=1)
-        out = out.scatter(1, target_idx, memory.to(out.dtype))
-        return out[:, :n]
+        return scatter_rows(out, target_idx, memory)[:, :n]

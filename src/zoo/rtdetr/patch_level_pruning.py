@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from src.nn.mlp import MLP
+from src.nn.rows import gather_rows
 from src.zoo.rtdetr import cass
 
 
@@ -154,7 +155,7 @@ class PatchLevelPruner(nn.Module):
 
         kept_patch_idx = torch.topk(patch_logits.detach(), n_keep, dim=1).indices.sort(dim=1).values
         kept_idx, kept_valid = patch_token_index(kept_patch_idx, (h, w), self.patch_size)
-        kept = torch.gather(tokens, 1, kept_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        kept = gather_rows(tokens, kept_idx)                                 # [B, n_keep * k^2, C]
         if self.straight_through_gate and torch.is_grad_enabled():  # value-neutral: skipped at inference
             s = torch.gather(patch_logits, 1, kept_patch_idx).sigmoid()
             gate = (s - s.detach()).repeat_interleave(self.patch_size ** 2, dim=1).unsqueeze(-1)

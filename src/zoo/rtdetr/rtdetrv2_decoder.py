@@ -102,7 +102,8 @@ class TransformerDecoderLayer(nn.Module):
         """
         Args:
             target: [B, N, d] query content; reference_points: [B, N, 1, 4] sigmoid-space boxes;
-            memory: [B, Lv, d]; attn_mask: [N, N] bool, True = blocked; memory_mask: [B, Lv] bool, True = real;
+            memory: [B, Lv, d] tokens or the levels' maps [B, d, h_l, w_l] (as MSDeformableAttention takes
+            its value); attn_mask: [N, N] bool, True = blocked; memory_mask: [B, Lv] bool, True = real;
             query_pos_embed: [B, N, d].
         Returns:
             [B, N, d].
@@ -131,13 +132,14 @@ class TransformerDecoder(nn.Module):
         if not 0 <= self.eval_idx < num_layers:
             raise ValueError(f"TransformerDecoder: eval_idx {eval_idx} is outside the {num_layers} layers")
 
-    def forward(self, target: Tensor, ref_points_unact: Tensor, memory: Tensor,
+    def forward(self, target: Tensor, ref_points_unact: Tensor, memory: Tensor | List[Tensor],
                 memory_spatial_shapes: Sequence[Tuple[int, int]], bbox_head: nn.ModuleList,
                 score_head: nn.ModuleList, query_pos_head: nn.Module, attn_mask: Optional[Tensor] = None,
                 memory_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """
         Args:
-            target: [B, N, d] initial content; ref_points_unact: [B, N, 4] initial boxes in logit space.
+            target: [B, N, d] initial content; ref_points_unact: [B, N, 4] initial boxes in logit space;
+            memory: [B, Lv, d] tokens or the levels' maps [B, d, h_l, w_l] (faster: no transposes).
         Returns:
             boxes [K, B, N, 4] (sigmoid space), logits [K, B, N, C]; K = num_layers in training,
             1 (layer eval_idx) in eval.
@@ -303,8 +305,10 @@ class RTDETRTransformerv2(nn.Module):
         return [(int(eval_h / s), int(eval_w / s)) for s in self.feat_strides]
 
     # ---------------------------------------------------------------- forward pieces
-    def _flatten_features(self, feats: List[Tensor]) -> Tuple[Tensor, List[Tuple[int, int]]]:
-        """Project and flatten: feats -> memory [B, sum h_l w_l, d], spatial shapes [(h_l, w_l)]."""
+    def _flatten_features(self, feats: List[Tensor]) -> Tuple[Tensor, List[Tuple[int, int]], List[Tensor]]:
+        """Project and flatten: feats -> memory [B, sum h_l w_l, d], spatial shapes [(h_l, w_l)], and the
+        projected maps [B, d, h_l, w_l] themselves (the same tokens; the cross-attention reads its value from
+        them without transposes)."""
         if len(feats) != self.num_input_levels:
             raise ValueError(f"RTDETRTransformerv2: got {len(feats)} feature maps, expected {self.num_input_levels} "
                              "(one per feat_channels entry)")
@@ -314,7 +318,7 @@ class RTDETRTransformerv2(nn.Module):
             projected.append(self.input_proj[level](source))
         spatial_shapes = [(int(p.shape[2]), int(p.shape[3])) for p in projected]
         memory = torch.cat([p.flatten(2).permute(0, 2, 1) for p in projected], 1)
-        return memory, spatial_shapes
+        return memory, spatial_shapes, projected
 
     def _anchors_for(self, spatial_shapes: List[Tuple[int, int]], memory: Tensor) -> Tuple[Tensor, Tensor]:
         """The stored anchors when the shapes are the eval ones, else anchors computed for these shapes."""
@@ -342,15 +346,22 @@ class RTDETRTransformerv2(nn.Module):
         """
         anchors, valid_mask = self._anchors_for(spatial_shapes, memory)
         memory = valid_mask.to(memory.dtype) * memory
-        output_memory = self.enc_output(memory)
+        # the heads on [B*L, d] rows: a graph export then has one Gemm with its bias per linear layer (on
+        # [B, L, d] it has MatMul + a separate Add over all L tokens); the same maths
+        # (the batch is inferred, -1: a traced graph then keeps it dynamic)
+        num_tokens = memory.shape[1]
+        output_memory = self.enc_output(memory.flatten(0, 1))
         enc_logits = self.enc_score_head(output_memory)
+        enc_logits = enc_logits.reshape(-1, num_tokens, enc_logits.shape[-1])           # [B, L, C']
+        output_memory = output_memory.reshape(-1, num_tokens, output_memory.shape[-1])  # [B, L, d]
         index = self._select_topk(enc_logits, self.num_queries)                     # [B, k]
 
-        def gather(x: Tensor) -> Tensor:  # [B or 1, L, c] -> [B, k, c]
-            return x.expand(index.shape[0], -1, -1).gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        def gather(x: Tensor) -> Tensor:  # [B, L, c] -> [B, k, c]
+            return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
         topk_memory, topk_logits = gather(output_memory), gather(enc_logits)
-        topk_coords_unact = self.enc_bbox_head(topk_memory) + gather(anchors)
+        # only the anchors [1, L, 4] are expanded to the batch (not the [B, L, d] memory: a copy in a graph)
+        topk_coords_unact = self.enc_bbox_head(topk_memory) + gather(anchors.expand(index.shape[0], -1, -1))
         enc_boxes = torch.sigmoid(topk_coords_unact) if self.training else None
 
         if self.learn_query_content:
@@ -371,7 +382,7 @@ class RTDETRTransformerv2(nn.Module):
     def forward(self, feats: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None) -> Dict:
         """feats: list of [B, C_l, H_l, W_l]; targets (training, for denoising): B dicts with 'labels' int64 [n]
         and 'boxes' [n, 4] normalised cxcywh. Returns the output dict described in the module docstring."""
-        memory, spatial_shapes = self._flatten_features(feats)
+        memory, spatial_shapes, memory_maps = self._flatten_features(feats)
 
         dn_content = dn_ref_unact = attn_mask = dn_meta = None
         if self.training and self.num_denoising > 0 and targets is not None:
@@ -387,7 +398,7 @@ class RTDETRTransformerv2(nn.Module):
             # that DDP ranks whose batches do have boxes still find a gradient for it on every rank
             content = content + 0.0 * self.denoising_class_embed.weight.sum()
 
-        out_boxes, out_logits = self.decoder(content, ref_unact, memory, spatial_shapes, self.dec_bbox_head,
+        out_boxes, out_logits = self.decoder(content, ref_unact, memory_maps, spatial_shapes, self.dec_bbox_head,
                                              self.dec_score_head, self.query_pos_head, attn_mask=attn_mask)
 
         if self.training and dn_meta is not None:
