@@ -58,7 +58,8 @@ ALL_VARIANTS = ["plain_p5", "plain_p4p5"] + [f"dset_k{r}_{m}" for m in ("moe", "
 QUICK_VARIANTS = ["plain_p5", "plain_p4p5", "dset_k1.0_moe", "dset_k0.3_moe"]
 STAGES = ("backbone", "encoder_proj", "aifi_p4", "pruner_p4", "aifi_p5", "pruner_p5", "ccfm", "decoder",
           "postprocessor")
-ROW_KEYS = ("model", "device", "dtype", "input", "batch", "median_ms", "p25_ms", "p75_ms", "repeats", "stages_ms",
+ROW_KEYS = ("model", "device", "dtype", "input", "batch", "median_ms", "p25_ms", "p75_ms", "repeats", "vs_official",
+            "stages_ms",
             "gflops", "stage_gflops", "kept_fraction", "run")
 ROW_ID = ("model", "device", "dtype", "input", "batch")  # one measurement; --append replaces rows with the same id
 
@@ -207,6 +208,15 @@ def stage_timer(deploy: DeployModel, sync: Callable[[], None]):
 def quantiles(values_ms: List[float]) -> Dict[str, float]:
     q = statistics.quantiles(values_ms, n=4, method="inclusive") if len(values_ms) > 1 else values_ms * 3
     return {"median_ms": statistics.median(values_ms), "p25_ms": q[0], "p75_ms": q[2]}
+
+
+def paired_ratio(reference_ms: List[float], model_ms: List[float]) -> Dict[str, float]:
+    """Median, p25 and p75 of the round-by-round ratios reference / model of two interleaved series (> 1: the
+    model is faster). A round's two calls ran back to back, so a slow stretch of a shared machine divides out,
+    which a ratio of the two medians does not do."""
+    ratios = [a / b for a, b in zip(reference_ms, model_ms)]
+    q = quantiles(ratios)
+    return {"median": q["median_ms"], "p25": q["p25_ms"], "p75": q["p75_ms"]}
 
 
 def interleaved_ms(calls: Dict[str, Callable[[], object]], repeats: int,
@@ -389,6 +399,9 @@ def run_bench(args) -> dict:
                         rows.append({"model": name, "device": label, "dtype": dtype, "input": f"{hw[0]}x{hw[1]}",
                                      "batch": batch, **{k: round(v, 3) for k, v in quantiles(t["e2e"]).items()},
                                      "repeats": len(t["e2e"]),
+                                     "vs_official": {k: round(v, 4) for k, v in paired_ratio(
+                                         timed["official"]["e2e"], t["e2e"]).items()}
+                                     if "official" in timed and name != "official" else None,
                                      "stages_ms": {k: round(statistics.median(v), 3) for k, v in t["stages"].items()}
                                      or None,
                                      "gflops": round(gflops * batch, 3),
@@ -441,13 +454,19 @@ def _row_line(r: dict) -> str:
 
 def speed_vs_official(rows: List[dict]) -> List[str]:
     """Lines 'speed against the official implementation' (official median / model median: > 1 is faster)
-    for every setting that has an 'official' row; none without one."""
+    for every setting that has an 'official' row; none without one. Where a row has its paired ratios
+    (``vs_official``, rows of one run), they follow: median and p25-p75 of the round-by-round ratios."""
     setting = lambda r: (r["device"], r["dtype"], r["input"], r["batch"])  # noqa: E731
     official = {setting(r): r["median_ms"] for r in rows if r["model"] == "official"}
+
+    def ratio(r: dict, ms: float) -> str:
+        paired = r.get("vs_official")
+        return f"{r['model']} {ms / r['median_ms']:.3f}x" + (
+            f" (paired {paired['median']:.3f}x, p25-p75 {paired['p25']:.3f}-{paired['p75']:.3f})" if paired else "")
+
     lines = []
     for key, ms in official.items():
-        ratios = ", ".join(f"{r['model']} {ms / r['median_ms']:.3f}x" for r in rows
-                           if setting(r) == key and r["model"] != "official")
+        ratios = ", ".join(ratio(r, ms) for r in rows if setting(r) == key and r["model"] != "official")
         lines.append(f"- speed against the official implementation, {key[0]} {key[1]} {key[2]} batch {key[3]} "
                      f"(official median / model median, > 1 is faster): {ratios}")
     return ([""] + lines) if lines else []

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import src.core
-from bench.latency_bench import REPO, portable_arg, speed_vs_official
+from bench.latency_bench import REPO, paired_ratio, portable_arg, speed_vs_official
 from bench.official_model import OFFICIAL_CONFIG, check_same_outputs, load_official
 
 FAKE_CORE = '''
@@ -96,6 +96,18 @@ def test_speed_against_the_official_row_is_official_over_model_per_setting():
                                row("plain_p5", 10.0, batch=8)])
     assert lines == ["", "- speed against the official implementation, cpu float32 64x64 batch 1 (official median / "
                          "model median, > 1 is faster): plain_p5 1.250x, dset_k0.3_moe 0.800x"]
+    paired = {**row("plain_p5", 80.0), "vs_official": {"median": 1.2, "p25": 1.1, "p75": 1.3}}
+    assert speed_vs_official([row("official", 100.0), paired])[1].endswith(
+        "plain_p5 1.250x (paired 1.200x, p25-p75 1.100-1.300)")
+
+
+def test_the_paired_ratio_divides_out_a_slow_stretch_that_the_ratio_of_medians_keeps():
+    """Rounds 3-5 of 5 ran on a loaded machine (x1.5 for both calls): each round's ratio is 1.25, while the
+    ratio of the medians compares a slow official round with a fast model one."""
+    official = [100.0, 100.0, 150.0, 150.0, 150.0]
+    model = [80.0, 80.0, 120.0, 120.0, 120.0]
+    assert paired_ratio(official, model) == {"median": 1.25, "p25": 1.25, "p75": 1.25}
+    assert paired_ratio([100.0, 200.0, 300.0], [100.0, 100.0, 100.0]) == {"median": 2.0, "p25": 1.5, "p75": 2.5}
 
 
 def test_the_recorded_command_names_no_machine_path():
