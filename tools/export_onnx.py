@@ -8,8 +8,8 @@ the val transforms do) and ``orig_target_sizes`` [N, 2] int64 as (w, h); outputs
 H, W are fixed to the config's eval_spatial_size (anchors, position embeddings and DSET's patch grid and
 top-k count are constants of the graph). DSET's pruner is in the graph: top-k patches at the config's
 keep_ratio (as after warmup), gather, attention over the kept tokens, scatter back. MoE layers are exported
-in gather dispatch by default (per expert, its tokens found with NonZero, gathered, run, scatter-added back:
-the top-k work only); ``--moe-dispatch dense`` exports every expert on every token, weighted by the top-k
+in gather dispatch by default (the assignments sorted by expert, each expert run on its slice with bounds the
+graph computes, the outputs gathered back: the top-k work only); ``--moe-dispatch dense`` exports every expert on every token, weighted by the top-k
 routing (static shapes for runtimes that want them, E / top_k x the expert work). Same outputs either way.
 
 Exporter: the TorchScript-based ``torch.onnx.export(..., dynamo=False)``, opset 17; it needs only the
@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output .onnx file")
     p.add_argument("--check", action="store_true", help="compare onnxruntime with PyTorch on a random input")
     p.add_argument("--moe-dispatch", choices=("gather", "dense"), default="gather",
-                   help="MoE layers in the graph: gather (default: each expert on its own tokens, NonZero shapes) "
+                   help="MoE layers in the graph: gather (default: each expert on its own tokens, computed slices) "
                         "or dense (every expert on every token: static shapes, E / top_k x the expert work)")
     add_trust_option(p)
     add_fuse_option(p)

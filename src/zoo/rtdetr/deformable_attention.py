@@ -84,20 +84,22 @@ def sample_value_levels(value_levels: Sequence[Tensor],
     locations = sampling_locations.permute(0, 2, 1, 3, 4).flatten(0, 1)
     location_levels = locations.split(list(num_points_list), dim=-2)
 
-    sampled = []
-    for value_l, loc_l in zip(value_levels, location_levels):
+    # [B, Lq, M, P] -> [B*M, 1, Lq, P], split per level like the locations
+    weights = attention_weights.permute(0, 2, 1, 3).reshape(batch * num_heads, 1, num_queries, -1)
+    weight_levels = weights.split(list(num_points_list), dim=-1)
+
+    output = None  # [B*M, D, Lq]: each level's weighted sum added in (no [B*M, D, Lq, P] concatenation)
+    for value_l, loc_l, weight_l in zip(value_levels, location_levels, weight_levels):
         if method == "default":
             # grid_sample wants [-1, 1]; -> [B*M, D, Lq, P_l]
-            sampled.append(F.grid_sample(value_l, 2 * loc_l - 1, mode="bilinear",
-                                         padding_mode="zeros", align_corners=False))
+            sampled = F.grid_sample(value_l, 2 * loc_l - 1, mode="bilinear", padding_mode="zeros",
+                                    align_corners=False)
         elif method == "discrete":
-            sampled.append(_nearest_cell_sample(value_l, loc_l))
+            sampled = _nearest_cell_sample(value_l, loc_l)
         else:
             raise ValueError(f"deformable attention: unknown method {method!r}; use one of {CROSS_ATTN_METHODS}")
-    sampled = torch.cat(sampled, dim=-1)  # [B*M, D, Lq, P]
-
-    weights = attention_weights.permute(0, 2, 1, 3).reshape(batch * num_heads, 1, num_queries, -1)
-    output = (sampled * weights).sum(-1)  # [B*M, D, Lq]
+        level = (sampled * weight_l).sum(-1)
+        output = level if output is None else output + level
     return output.reshape(batch, num_heads * head_dim, num_queries).permute(0, 2, 1)
 
 
