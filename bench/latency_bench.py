@@ -214,6 +214,9 @@ def paired_ratio(reference_ms: List[float], model_ms: List[float]) -> Dict[str, 
     """Median, p25 and p75 of the round-by-round ratios reference / model of two interleaved series (> 1: the
     model is faster). A round's two calls ran back to back, so a slow stretch of a shared machine divides out,
     which a ratio of the two medians does not do."""
+    if len(reference_ms) != len(model_ms) or not model_ms:
+        raise ValueError(f"paired_ratio: the two series must pair round by round, got {len(reference_ms)} and "
+                         f"{len(model_ms)} timings")
     ratios = [a / b for a, b in zip(reference_ms, model_ms)]
     q = quantiles(ratios)
     return {"median": q["median_ms"], "p25": q["p25_ms"], "p75": q["p75_ms"]}
@@ -455,7 +458,9 @@ def _row_line(r: dict) -> str:
 def speed_vs_official(rows: List[dict]) -> List[str]:
     """Lines 'speed against the official implementation' (official median / model median: > 1 is faster)
     for every setting that has an 'official' row; none without one. Where a row has its paired ratios
-    (``vs_official``, rows of one run), they follow: median and p25-p75 of the round-by-round ratios."""
+    (``vs_official``, rows of one run), they follow: median and p25-p75 of the round-by-round ratios. After
+    ``--append`` the medians of one line may come from different runs; a row's paired ratio is always its own
+    run's."""
     setting = lambda r: (r["device"], r["dtype"], r["input"], r["batch"])  # noqa: E731
     official = {setting(r): r["median_ms"] for r in rows if r["model"] == "official"}
 

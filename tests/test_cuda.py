@@ -1,6 +1,7 @@
 """CUDA checks (skipped without a GPU; `bench/gpu_check.py` runs them): AMP steps in float16 and bfloat16 with a
 forced overflow, the CASS loss and deformable attention under autocast against float32, resume CUDA -> CPU ->
-CUDA, the postprocessor on CUDA against CPU, and the DSET detector and its criterion on CUDA against CPU."""
+CUDA, the postprocessor on CUDA against CPU, and the DSET detector and its criterion on CUDA against CPU, and the
+decoder value projection at float32 precision under cuDNN TF32."""
 from __future__ import annotations
 
 import pytest
@@ -215,3 +216,25 @@ def test_a_cuda_graph_of_the_deployed_dset_detector_replays_its_eager_detections
             torch.testing.assert_close(got[2], ref[2], atol=1e-4, rtol=1e-3)  # scores
     with pytest.raises(ValueError, match="captured for"):
         graphed(batches[0][:1], sizes[:1])
+
+
+def test_decoder_value_projection_on_cuda_keeps_linear_precision_under_cudnn_tf32():
+    """The decoder's value projection runs as a matmul, not a 1x1 conv: with cuDNN's TF32 on (torch's default)
+    and matmul TF32 off, it keeps float32 precision (a TF32 conv errs by about 1e-3 relative)."""
+    from src.zoo.rtdetr.deformable_attention import MSDeformableAttention
+
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+    try:
+        g = torch.Generator().manual_seed(0)
+        attn = MSDeformableAttention(embed_dim=256, num_heads=8, num_levels=2, num_points=4)
+        shapes = [(40, 40), (20, 20)]
+        maps = [torch.randn(2, 256, h, w, generator=g) for h, w in shapes]
+        got = attn.cuda().value_levels([m.cuda() for m in maps], shapes)
+        weight, bias = attn.value_proj.weight.double().cpu(), attn.value_proj.bias.double().cpu()
+        for (h, w), m, v in zip(shapes, maps, got):                      # float64 oracle on tokens
+            ref = (m.double().flatten(2).transpose(1, 2) @ weight.T + bias)  # [B, hw, M*D]
+            ref = ref.transpose(1, 2).reshape(2 * 8, 32, h, w)
+            torch.testing.assert_close(v.double().cpu(), ref, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags

@@ -17,6 +17,7 @@ from src.zoo.rtdetr.deformable_attention import MSDeformableAttention  # noqa: E
 from src.zoo.rtdetr.deploy import DeployModel, fuse_for_inference, load_detector, set_moe_dispatch  # noqa: E402
 from src.zoo.rtdetr.moe import MoEFFN  # noqa: E402
 from tools import export_onnx  # noqa: E402
+from bench.latency_bench import tie_free_weights  # noqa: E402
 
 
 def _tiny_config(tmp_path: Path, dset: bool) -> str:
@@ -39,6 +40,10 @@ def _kept_sets(model, images):
 def test_onnxruntime_matches_pytorch_with_the_deployment_interface(tmp_path, dset, dispatch, fused):
     torch.manual_seed(0)
     cfg, model, post = load_detector(_tiny_config(tmp_path, dset), random_weights=True)
+    # noise on every weight: plain random init zeroes the box heads' last layer (boxes would not depend on the
+    # decoder) and scores many queries alike (their order would be a tie-break); 0.02 keeps the pruners' scores
+    # image-dependent enough that the test images keep different patches (checked below)
+    model.load_state_dict(tie_free_weights(model, std=0.02))
     set_moe_dispatch(model, dispatch)  # sorted in PyTorch; the graph traces it as gather (computed slices)
     if fused:  # tools/export_onnx.py's default: RepVGG merged, conv + norm folded
         fuse_for_inference(model)
@@ -51,7 +56,7 @@ def test_onnxruntime_matches_pytorch_with_the_deployment_interface(tmp_path, dse
     graph = onnx.load(out).graph
     ops = {n.op_type for n in graph.node}
     # one graph Conv per module conv (the fused model exports each merged RepVGG block as one Conv), plus the
-    # decoder's value projections, a 1x1 Conv per layer and level (MSDeformableAttention.value_levels)
+    # decoder's value projections, traced as a 1x1 Conv per layer and level (MSDeformableAttention.value_levels)
     value_convs = sum(m.num_levels for m in model.modules() if isinstance(m, MSDeformableAttention))
     assert value_convs > 0
     assert sum(n.op_type == "Conv" for n in graph.node) == \
@@ -79,13 +84,11 @@ def test_onnxruntime_matches_pytorch_with_the_deployment_interface(tmp_path, dse
     sess = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
     labels, boxes, scores = sess.run(None, {"images": images.numpy(), "orig_target_sizes": sizes.numpy()})
     assert scores.shape == (3, post.num_top_queries) and boxes.shape == (3, post.num_top_queries, 4)
-    assert abs(scores - ref_scores.numpy()).max() < 1e-3
-    # random weights give near-tied scores whose order may differ: every onnxruntime detection must have a
-    # PyTorch detection with the same label, score within 1e-3 and box within 0.5 px
-    same = ((labels[:, :, None] == ref_labels.numpy()[:, None, :])
-            & (abs(scores[:, :, None] - ref_scores.numpy()[:, None, :]) < 1e-3)
-            & (abs(boxes[:, :, None, :] - ref_boxes.numpy()[:, None, :, :]).max(-1) < 0.5))
-    assert same.any(-1).all()
+    # tie-free weights: the same detections in the same order, to float rounding
+    assert (labels == ref_labels.numpy()).all()
+    assert abs(scores - ref_scores.numpy()).max() < 1e-4
+    assert abs(boxes - ref_boxes.numpy()).max() < 1e-2  # pixels of images up to 1000 px wide
+    assert ref_boxes[:, :, 2:].sub(ref_boxes[:, :, :2]).std() > 1.0  # boxes differ: they depend on the model
     # boxes follow orig_target_sizes (w, h) per image
     assert boxes[1, :, [0, 2]].max() <= 1000 + 1e-3 and boxes[2, :, [0, 2]].max() <= 160 + 1e-3
 

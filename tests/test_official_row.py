@@ -108,6 +108,8 @@ def test_the_paired_ratio_divides_out_a_slow_stretch_that_the_ratio_of_medians_k
     model = [80.0, 80.0, 120.0, 120.0, 120.0]
     assert paired_ratio(official, model) == {"median": 1.25, "p25": 1.25, "p75": 1.25}
     assert paired_ratio([100.0, 200.0, 300.0], [100.0, 100.0, 100.0]) == {"median": 2.0, "p25": 1.5, "p75": 2.5}
+    with pytest.raises(ValueError, match="pair round by round"):
+        paired_ratio([100.0, 200.0], [100.0])
 
 
 def test_the_recorded_command_names_no_machine_path():

@@ -64,3 +64,22 @@ def test_row_ops_export_as_row_gather_and_scatter_and_generalise_to_other_batche
     scattered, gathered = session.run(None, {"x": x.numpy(), "index": index.numpy(), "rows": rows.numpy()})
     assert torch.equal(torch.from_numpy(scattered), x.scatter(1, index.unsqueeze(-1).expand(-1, -1, 5), rows))
     assert torch.equal(torch.from_numpy(gathered), torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, 5)))
+
+
+def test_scatter_rows_with_repeats_only_into_a_dropped_scratch_row_equals_the_masked_scatter():
+    """The DSET encoder's non-whole patch grids: slots off the map all go to a scratch row n that is dropped;
+    the kept rows are exactly Tensor.scatter's, and the dropped slots' rows get no gradient."""
+    x, index, rows = _case(4, b=2, n=9, k=5)
+    valid = torch.tensor([[True, False, True, False, True], [False, True, True, True, False]])
+    target = torch.where(valid, index, torch.full_like(index, 9))
+    padded = torch.cat([x, x.new_zeros(2, 1, 5)], 1)
+    rows = rows.clone().requires_grad_()
+    out = scatter_rows(padded, target, rows)[:, :9]
+    ref = x.clone()
+    for b in range(2):  # per-row loop oracle
+        for k in range(5):
+            if valid[b, k]:
+                ref[b, index[b, k]] = rows[b, k].detach()
+    assert torch.equal(out.detach(), ref)
+    out.sum().backward()
+    assert torch.equal(rows.grad, valid.unsqueeze(-1).expand(-1, -1, 5).float())

@@ -3,7 +3,8 @@
 ``torch.gather`` / ``Tensor.scatter`` with an index expanded to [B, K, C] address every element: a graph export
 turns them into GatherElements / ScatterElements, which onnxruntime runs element by element (about 1 ms for a
 480 x 256 scatter on a 2-core CPU). These fold the batch into the row axis and move rows (ONNX Gather / ScatterND
-on [B*N, C]): the same values and the same gradients.
+on [B*N, C]): the same values and the same gradients. A non-contiguous x (e.g. a permuted feature map) with
+B > 1 is copied once by the flattening, which torch.gather would not do; at B = 1 it is a view.
 """
 from __future__ import annotations
 
