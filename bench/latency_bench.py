@@ -13,7 +13,9 @@ DSET's data-dependent top-k and MoE routing, and through work a runtime can shar
   dset_k{...}_dense              the same without MoE (dense FFNs)
   official              with --official PATH: the official implementation (github:lyuwenyu/RT-DETR,
                         rtdetrv2_pytorch) with plain_p5's weights; refused unless its detections equal
-                        plain_p5's (bench/official_model.py)
+                        plain_p5's (bench/official_model.py); it runs as the official code deploys it
+                        (contiguous), this repo's CPU rows in channels_last as tools/infer.py runs them
+                        (deploy.inference_memory_format); --official-channels-last runs it so too (like for like)
 
 Stages (per-stage runs synchronise at every stage boundary; the end-to-end figure is measured in separate
 runs without that): backbone, encoder_proj (input projections), aifi_p4 / aifi_p5 (pruner + attention
@@ -49,7 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from bench.official_model import check_same_outputs, load_official
 from src.core.run_config import config_path, merge_overrides
-from src.zoo.rtdetr.deploy import DeployModel, fuse_for_inference, load_detector
+from src.zoo.rtdetr.deploy import DeployModel, fuse_for_inference, inference_memory_format, load_detector
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = "dset4_r18_ratio0.3.yaml"   # under configs/
@@ -83,7 +85,8 @@ def variant_overrides(name: str, hw: Sequence[int]) -> dict:
 def build(name: str, hw, device: str, extra: Sequence[str] = (), fuse: bool = True) -> DeployModel:
     """A variant with random weights (seed 0) made tie-free (``tie_free_weights``); ``extra``: -u overrides on
     top of the variant's. ``fuse``: as deployed (``fuse_for_inference``: RepVGG blocks and conv-norm layers
-    folded, as the tools run it).
+    folded, as the tools run it), in the memory format the tools run it in on ``device``
+    (``inference_memory_format``: channels_last on a CPU; an exported graph is the same either way).
 
     Tie-free matters beyond top-k ties: the decoder's layers are deep copies of one initialised layer, so with
     plain random init they hold identical weights, and onnxruntime then computes their shared work once
@@ -93,7 +96,7 @@ def build(name: str, hw, device: str, extra: Sequence[str] = (), fuse: bool = Tr
     _, model, post = load_detector(str(config_path(BASE_CONFIG)), merge_overrides(variant_overrides(name, hw), extra),
                                    random_weights=True, device=device)
     model.load_state_dict(tie_free_weights(model))
-    return DeployModel(fuse_for_inference(model) if fuse else model, post).eval()
+    return DeployModel(fuse_for_inference(model) if fuse else model, post, inference_memory_format(device)).eval()
 
 
 def tie_free_weights(model: torch.nn.Module, std: float = 0.05) -> dict:
@@ -103,11 +106,14 @@ def tie_free_weights(model: torch.nn.Module, std: float = 0.05) -> dict:
             else v for k, v in model.state_dict().items()}
 
 
-def build_official(path: str, hw, device: str, extra: Sequence[str] = ()):
-    """The official row at input ``hw``: checked against plain_p5 with the same (tie-free) weights on CPU."""
+def build_official(path: str, hw, device: str, extra: Sequence[str] = (), channels_last: bool = False):
+    """The official row at input ``hw``: checked against plain_p5 with the same (tie-free) weights on CPU.
+    As the official code deploys it (contiguous), or with ``channels_last`` on a CPU as this repo's CPU rows
+    run (like for like)."""
     ours = build("plain_p5", hw, "cpu", extra, fuse=False)  # the official model's state-dict keys
     weights = ours.model.state_dict()                        # plain_p5's row has these weights too
-    official = load_official(path, hw, ours.postprocessor.num_classes, weights, "cpu")
+    fmt = inference_memory_format(device) if channels_last else torch.contiguous_format
+    official = load_official(path, hw, ours.postprocessor.num_classes, weights, "cpu", fmt)
     images = torch.rand(1, 3, *hw, generator=torch.Generator().manual_seed(2))
     diff = check_same_outputs(official, ours, images, torch.tensor([[hw[1], hw[0]]], dtype=torch.int64))
     print(f"official {hw[0]}x{hw[1]}: same detections as plain_p5 with the same weights (max diff {diff:.1e})",
@@ -377,7 +383,8 @@ def run_bench(args) -> dict:
                     variants = {n: build(n, hw, dev, args.extra) for n in args.variants}
                     if args.official:
                         if (hw, dev) not in officials:  # built and checked once per input size and device
-                            officials[(hw, dev)] = build_official(args.official, hw, dev, args.extra)
+                            officials[(hw, dev)] = build_official(args.official, hw, dev, args.extra,
+                                                                  args.official_channels_last)
                         variants["official"] = officials[(hw, dev)]
                     x, s = images.to(dev), sizes.to(dev)
                     if label == "onnxruntime-cpu":
@@ -526,7 +533,12 @@ def parse_args(argv=None):
     p.add_argument("--official", default=None, metavar="PATH",
                    help="add the official implementation as a row 'official': PATH is an extracted rtdetrv2_pytorch "
                         "folder of github:lyuwenyu/RT-DETR (end to end only; checked to give plain_p5's detections)")
+    p.add_argument("--official-channels-last", action="store_true",
+                   help="run the official row's convolutions in channels_last on a CPU, as this repo's CPU rows run "
+                        "(like for like; by default it runs as the official code deploys it, contiguous)")
     args = p.parse_args(argv)
+    if args.official_channels_last and not args.official:
+        p.error("--official-channels-last needs --official PATH")
     q = args.quick
     args.variants = args.variants or (QUICK_VARIANTS if q else ALL_VARIANTS)
     args.inputs = args.inputs or ([(192, 320)] if q else [(640, 640), (736, 1280)])

@@ -43,17 +43,24 @@ def official_package(root: Path) -> Iterator[None]:
 
 
 class OfficialDeployModel(nn.Module):
-    """forward(images, orig_target_sizes) -> (labels, boxes, scores): the official deploy interface."""
+    """forward(images, orig_target_sizes) -> (labels, boxes, scores): the official deploy interface.
+    ``memory_format``: as the official code deploys (contiguous), or channels_last (weights here, images in
+    ``forward``) to compare like for like with this repo's CPU rows (``latency_bench --official-channels-last``)."""
 
-    def __init__(self, model: nn.Module, postprocessor: nn.Module):
+    def __init__(self, model: nn.Module, postprocessor: nn.Module,
+                 memory_format: torch.memory_format = torch.contiguous_format):
         super().__init__()
-        self.model, self.postprocessor = model, postprocessor
+        self.model, self.postprocessor = model.to(memory_format=memory_format), postprocessor
+        self.memory_format = memory_format
 
     def forward(self, images, orig_target_sizes):
+        if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+            images = images.contiguous(memory_format=self.memory_format)
         return self.postprocessor(self.model(images), orig_target_sizes)
 
 
-def load_official(root: str, hw, num_classes: int, state_dict: dict, device: str = "cpu") -> OfficialDeployModel:
+def load_official(root: str, hw, num_classes: int, state_dict: dict, device: str = "cpu",
+                  memory_format: torch.memory_format = torch.contiguous_format) -> OfficialDeployModel:
     """The official RT-DETRv2-R18 at input ``hw`` = (h, w) with ``state_dict`` (this repo's plain model)."""
     root_path = Path(root).resolve()
     config = root_path / OFFICIAL_CONFIG
@@ -70,7 +77,7 @@ def load_official(root: str, hw, num_classes: int, state_dict: dict, device: str
     if result.missing_keys or result.unexpected_keys:
         raise KeyError(f"--official: the official model and this repo's plain_p5 differ in their state dicts: "
                        f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
-    return OfficialDeployModel(model.deploy(), post.deploy()).to(device).eval()
+    return OfficialDeployModel(model.deploy(), post.deploy(), memory_format).to(device).eval()
 
 
 def check_same_outputs(official: nn.Module, ours: nn.Module, images, sizes, atol: float = 1e-3) -> float:

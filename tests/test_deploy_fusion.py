@@ -158,3 +158,43 @@ def test_the_deployed_model_skips_moe_routing_statistics_without_changing_output
         assert torch.equal(r, g)
     model.train()(images)  # training always records: its balance loss needs the statistics
     assert all(m.last_aux is not None for m in moes)
+
+
+def test_a_channels_last_deployment_gives_the_contiguous_detections_and_exports_the_same_graph(tmp_path):
+    """On a CPU the tools deploy in channels_last (``inference_memory_format``): the conv weights change layout,
+    the images are converted in ``forward``, the detections equal the contiguous model's within float rounding,
+    and the exported ONNX graph is the same graph (no layout in a traced graph)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    from src.zoo.rtdetr.deploy import export, inference_memory_format
+
+    assert inference_memory_format("cpu") == torch.channels_last
+    assert inference_memory_format("cuda:1") == torch.contiguous_format
+    torch.manual_seed(0)
+    _, model, post = load_detector("configs/dset4_r18_ratio0.3.yaml", ["input_size=[128, 160]", "dset.min_patches=1"],
+                                   random_weights=True)
+    model.load_state_dict(tie_free_weights(model))
+    randomize_norms(model)
+    fused = fuse_for_inference(model.eval())
+    images = torch.rand(2, 3, 128, 160, generator=torch.Generator().manual_seed(1))  # contiguous, as a user gives
+    sizes = torch.tensor([[160, 128], [320, 256]])
+    with torch.no_grad():
+        ref = DeployModel(copy.deepcopy(fused), post).eval()
+        cl = DeployModel(copy.deepcopy(fused), post, torch.channels_last).eval()
+        want, got = ref(images, sizes), cl(images, sizes)
+        want_raw, got_raw = ref.model(images), cl.model(images.contiguous(memory_format=torch.channels_last))
+    convs = [m.weight for m in cl.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert sum(not w.is_contiguous() for w in convs) > len(convs) // 2  # (a 1x1 kernel is both layouts)
+    # another summation order: near-tied queries may swap places (assert_same_queries), nothing else changes
+    assert_same_queries(got_raw, want_raw, tol=1e-4, max_moved=0.03)
+    torch.testing.assert_close(got[2].sort(-1).values, want[2].sort(-1).values, rtol=0, atol=1e-5)  # scores
+    assert (got[0] == want[0]).float().mean() > 0.9                                 # labels, in score order
+    export(ref, str(tmp_path / "a.onnx"), (128, 160))
+    export(cl, str(tmp_path / "b.onnx"), (128, 160))
+    a, b = onnx.load(str(tmp_path / "a.onnx")).graph, onnx.load(str(tmp_path / "b.onnx")).graph
+    assert [n.op_type for n in a.node] == [n.op_type for n in b.node]
+    inits = {i.name: numpy_helper.to_array(i) for i in b.initializer}
+    assert len(inits) == len(a.initializer)
+    assert all((numpy_helper.to_array(i) == inits[i.name]).all() for i in a.initializer)

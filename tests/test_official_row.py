@@ -120,3 +120,37 @@ def test_the_recorded_command_names_no_machine_path():
     assert [portable_arg(a) for a in args] == ["--official", "PATH/rtdetrv2_pytorch", "--official=PATH/rtdetrv2_pytorch",
                                               "--quick", "--out", "docs/results/latency.json", "--out=PATH/x.json",
                                               "64x64", "data_root=PATH/coco", "a.b=3", ".", "configs"]
+
+
+def test_the_official_row_runs_as_deployed_unless_asked_for_channels_last():
+    """By default the official row keeps its layout (as the official code deploys); --official-channels-last
+    converts its conv weights and its images, with the same outputs; the flag without --official is refused."""
+    from bench.latency_bench import parse_args
+    from bench.official_model import OfficialDeployModel
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.seen = None
+
+        def forward(self, images):
+            self.seen = images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+            return self.conv(images).mean(dim=(2, 3))
+
+    class Post(torch.nn.Module):
+        def forward(self, logits, sizes):
+            return logits, sizes
+
+    torch.manual_seed(0)
+    images, sizes = torch.rand(2, 3, 8, 10), torch.tensor([[10, 8], [20, 16]])
+    plain = OfficialDeployModel(Model(), Post())
+    last = OfficialDeployModel(Model(), Post(), torch.channels_last)
+    last.model.conv.load_state_dict(plain.model.conv.state_dict())
+    with torch.no_grad():
+        want, got = plain(images, sizes), last(images, sizes)
+    assert plain.model.conv.weight.is_contiguous() and not plain.model.seen
+    assert last.model.conv.weight.is_contiguous(memory_format=torch.channels_last) and last.model.seen
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(SystemExit):
+        parse_args(["--official-channels-last"])
