@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
@@ -82,10 +82,11 @@ def variant_overrides(name: str, hw: Sequence[int]) -> dict:
     return {**common, "dset": dset}
 
 
-def build(name: str, hw, device: str, extra: Sequence[str] = (), fuse: bool = True) -> DeployModel:
+def build(name: str, hw, device: str, extra: Sequence[str] = (), fuse: bool = True,
+          memory_format: Optional[torch.memory_format] = None) -> DeployModel:
     """A variant with random weights (seed 0) made tie-free (``tie_free_weights``); ``extra``: -u overrides on
     top of the variant's. ``fuse``: as deployed (``fuse_for_inference``: RepVGG blocks and conv-norm layers
-    folded, as the tools run it), in the memory format the tools run it in on ``device``
+    folded, as the tools run it), in ``memory_format``, by default the one the tools run it in on ``device``
     (``inference_memory_format``: channels_last on a CPU; an exported graph is the same either way).
 
     Tie-free matters beyond top-k ties: the decoder's layers are deep copies of one initialised layer, so with
@@ -96,7 +97,8 @@ def build(name: str, hw, device: str, extra: Sequence[str] = (), fuse: bool = Tr
     _, model, post = load_detector(str(config_path(BASE_CONFIG)), merge_overrides(variant_overrides(name, hw), extra),
                                    random_weights=True, device=device)
     model.load_state_dict(tie_free_weights(model))
-    return DeployModel(fuse_for_inference(model) if fuse else model, post, inference_memory_format(device)).eval()
+    fmt = memory_format or inference_memory_format(device)
+    return DeployModel(fuse_for_inference(model) if fuse else model, post, fmt).eval()
 
 
 def tie_free_weights(model: torch.nn.Module, std: float = 0.05) -> dict:
@@ -110,9 +112,11 @@ def build_official(path: str, hw, device: str, extra: Sequence[str] = (), channe
     """The official row at input ``hw``: checked against plain_p5 with the same (tie-free) weights on CPU.
     As the official code deploys it (contiguous), or with ``channels_last`` on a CPU as this repo's CPU rows
     run (like for like)."""
-    ours = build("plain_p5", hw, "cpu", extra, fuse=False)  # the official model's state-dict keys
-    weights = ours.model.state_dict()                        # plain_p5's row has these weights too
     fmt = inference_memory_format(device) if channels_last else torch.contiguous_format
+    # the check compares the top-K positionally: both sides in one layout, the same summation order (another
+    # layout rounds differently, and queries with near-equal scores would swap places)
+    ours = build("plain_p5", hw, "cpu", extra, fuse=False, memory_format=fmt)  # the official state-dict keys
+    weights = ours.model.state_dict()                                          # plain_p5's row has these too
     official = load_official(path, hw, ours.postprocessor.num_classes, weights, "cpu", fmt)
     images = torch.rand(1, 3, *hw, generator=torch.Generator().manual_seed(2))
     diff = check_same_outputs(official, ours, images, torch.tensor([[hw[1], hw[0]]], dtype=torch.int64))
