@@ -51,6 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from bench.official_model import check_same_outputs, load_official
 from src.core.run_config import config_path, merge_overrides
+from src.misc.provenance import git_commit
 from src.zoo.rtdetr.deploy import DeployModel, fuse_for_inference, inference_memory_format, load_detector
 
 REPO = Path(__file__).resolve().parents[1]
@@ -425,7 +426,7 @@ def run_bench(args) -> dict:
                     del variants
     argv = [portable_arg(a) for a in sys.argv[1:]]
     meta = {"date": datetime.date.today().isoformat(), "command": "python -m bench.latency_bench "
-            + " ".join(argv), "quick": args.quick, "machine": machine(),
+            + " ".join(argv), "commit": git_commit(REPO), "quick": args.quick, "machine": machine(),
             "note": "random weights; FLOPs at batch 1 x batch; per-stage runs synchronise at stage "
                     "boundaries; onnxruntime rows: MoE in gather dispatch"}
     return {"meta": meta, "runs": [meta], "rows": rows}

@@ -36,7 +36,9 @@ def main(argv=None) -> int:
         assert torch.equal(stem_max_pool(stem), F.max_pool2d(stem, 3, 2, 1))
         alone = interleaved({"F.max_pool2d": lambda: F.max_pool2d(stem, 3, 2, 1),
                              "stem_max_pool": lambda: stem_max_pool(stem)}, 5 * args.repeats)
-        model = build("plain_p5", (h, w), "cpu")
+        # channels-first, where the two differ (a channels_last map, as the deployed CPU model has since
+        # deploy.inference_memory_format, takes F.max_pool2d either way: its kernel is the fast one there)
+        model = build("plain_p5", (h, w), "cpu", memory_format=torch.contiguous_format)
         images, sizes = torch.rand(1, 3, h, w), torch.tensor([[w, h]])
         pools = {"F.max_pool2d": lambda t: F.max_pool2d(t, 3, 2, 1), "stem_max_pool": stem_max_pool}
 

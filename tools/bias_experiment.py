@@ -54,6 +54,7 @@ if str(REPO) not in sys.path:   # `python tools/bias_experiment.py` from anywher
 
 from src.core.run_config import run_config as build_run_config  # noqa: E402  (the tools' one config builder)
 from src.core.run_config import write_run_config  # noqa: E402
+from src.misc.provenance import git_commit  # noqa: E402
 from src.data.synthetic_roadside import ensure_dataset, loader_config  # noqa: E402
 from src.zoo.rtdetr.cass_targets import NORMALIZATIONS  # noqa: E402  (the one mode list)
 
@@ -174,20 +175,6 @@ def protocol_of(profile: Profile) -> dict:
     out['cells'] = [c.name for c in profile.cells]
     out['extra_cells'] = [c.name for c in profile.extra_cells]
     return json.loads(json.dumps(out | {'version': PROTOCOL_VERSION}))
-
-
-def git_commit() -> str:
-    """HEAD of the repository the tool runs from, '+dirty' when tracked files other than docs/results/ (the
-    tool's own outputs, which a seed run extends) differ from it."""
-    try:
-        head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no', '--', '.',
-                                ':(exclude)docs/results'], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return 'unknown'
-    return head + ('+dirty' if dirty else '')
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -701,7 +688,7 @@ def run(profile: Profile, out: Path, work: Path, device: str, amp: bool, log=pri
     curves: Dict[str, list] = dict(previous.get('stage1_learning_curve', {}))
     recorded_curves = dict(curves)   # the stage 1 each seed's recorded runs were tuned from
     machines = machines_of(previous)  # the machine of each seed (its stage 1 is trained on it)
-    commit = git_commit()
+    commit = git_commit(REPO)
     lock = threading.Lock()
     data_dir = ensure_data(profile, work / 'data', log)
     runs = work / 'runs'
