@@ -228,6 +228,8 @@ def test_decoder_value_projection_on_cuda_keeps_linear_precision_under_cudnn_tf3
     try:
         g = torch.Generator().manual_seed(0)
         attn = MSDeformableAttention(embed_dim=256, num_heads=8, num_levels=2, num_points=4)
+        with torch.no_grad():  # its init zeroes the bias: give the bias term something to get wrong
+            attn.value_proj.bias.copy_(torch.randn(256, generator=g))
         shapes = [(40, 40), (20, 20)]
         maps = [torch.randn(2, 256, h, w, generator=g) for h, w in shapes]
         got = attn.cuda().value_levels([m.cuda() for m in maps], shapes)

@@ -188,22 +188,30 @@ def test_msdeformable_attention_samples_around_the_reference_box():
     assert torch.allclose(out, expected, atol=1e-6)
 
 
-def test_value_from_level_maps_equals_value_from_tokens_and_the_linear_projection_with_a_padding_mask():
-    """MSDeformableAttention projects its value as a 1x1 conv per level map: the same as nn.Linear on the
-    tokens (the reference below), from tokens or from the maps, with padding tokens zeroed, and a gradient
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_value_from_level_maps_equals_value_from_tokens_and_the_linear_projection_with_a_padding_mask(batch, layout):
+    """MSDeformableAttention projects its value per level map (a batched matmul on a channels-first map, F.linear
+    on a channels-last map's cells, whose result the sampling reads with D innermost): the same as nn.Linear on
+    the tokens (the reference below), from tokens or from the maps, with padding tokens zeroed, and a gradient
     that reaches value_proj."""
     torch.manual_seed(3)
     attn = MSDeformableAttention(embed_dim=8, num_heads=2, num_levels=2, num_points=[2, 3])
+    with torch.no_grad():
+        attn.value_proj.bias.normal_()  # its init is zero
     shapes = [(3, 5), (2, 2)]
-    batch, queries = 2, 4
+    queries = 4
     query = torch.randn(batch, queries, 8)
     reference = torch.rand(batch, queries, 1, 4) * 0.5 + 0.25
-    maps = [torch.randn(batch, 8, h, w) for h, w in shapes]
+    maps = [torch.randn(batch, 8, h, w).contiguous(memory_format=layout) for h, w in shapes]
     tokens = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)  # [B, 19, 8]
     mask = torch.rand(batch, 19) > 0.3
 
     out_tokens = attn(query, reference, tokens, shapes, mask)
     out_maps = attn(query, reference, maps, shapes, mask)
+    levels = attn.value_levels(maps, shapes)
+    if layout == torch.channels_last:  # the sampling gets each head's map with D innermost
+        assert all(v.stride(1) == 1 for v in levels)
 
     offsets = attn.sampling_offsets(query).reshape(batch, queries, 2, 5, 2)
     weights = attn.attention_weights(query).reshape(batch, queries, 2, 5).softmax(-1)

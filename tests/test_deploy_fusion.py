@@ -182,7 +182,12 @@ def test_a_channels_last_deployment_gives_the_contiguous_detections_and_exports_
     with torch.no_grad():
         ref = DeployModel(copy.deepcopy(fused), post).eval()
         cl = DeployModel(copy.deepcopy(fused), post, torch.channels_last).eval()
+        layouts = []  # what each detector is given: channels_last converted in forward, else as passed
+        for deploy in (ref, cl):
+            deploy.model.register_forward_pre_hook(lambda m, args: layouts.append(
+                args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()))
         want, got = ref(images, sizes), cl(images, sizes)
+        assert layouts == [False, True]
         want_raw, got_raw = ref.model(images), cl.model(images.contiguous(memory_format=torch.channels_last))
     convs = [m.weight for m in cl.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)

@@ -203,9 +203,12 @@ class MSDeformableAttention(nn.Module):
         transpose before the sampling (on tokens, the projection's output would have to be transposed for each
         layer). In PyTorch a matmul, not a 1x1 convolution: it runs at ``nn.Linear``'s precision (on CUDA a
         float32 conv would use TF32 under torch's default ``cudnn.allow_tf32``, a float32 matmul does not), and
-        on a CPU it is faster than the convolution (7 against 12 ms for the three 640x640 levels). A traced graph
-        (ONNX export) gets the 1x1 ``Conv`` with its bias instead: the same maths, and onnxruntime runs it about
-        1.2 ms a decoder layer faster than ``MatMul`` + ``Add`` at 640x640 (its precision is the runtime's choice).
+        on a CPU it is faster than the convolution (7 against 12 ms for the three 640x640 levels). A channels-last
+        map (the CPU deployment, ``deploy.inference_memory_format``) is a matrix of cells already: ``F.linear`` on
+        them, and the sampling reads the result with D innermost (``_value_rows``; the same values, about 2 ms a
+        decoder layer less at 640x640, batch 1, on the 2-core CPU). A traced graph (ONNX export) gets the 1x1
+        ``Conv`` with its bias instead: the same maths, and onnxruntime runs it about 1.2 ms a decoder layer faster
+        than ``MatMul`` + ``Add`` at 640x640 (its precision is the runtime's choice).
         """
         sizes = [h * w for h, w in value_spatial_shapes]
         if isinstance(value, Tensor):
@@ -225,14 +228,31 @@ class MSDeformableAttention(nn.Module):
         graph = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
         levels = []
         for (h, w), map_l, mask_l in zip(value_spatial_shapes, maps, masks):
+            b = map_l.shape[0]
+            if not graph and map_l.permute(0, 2, 3, 1).is_contiguous():  # a channels-last map: its cells are rows
+                levels.append(self._value_rows(map_l.permute(0, 2, 3, 1), mask_l))
+                continue
             if graph:
                 v = F.conv2d(map_l, weight[:, :, None, None], bias).flatten(2)             # [B, M*D, h*w]
             else:
-                v = torch.baddbmm(bias.unsqueeze(-1), weight.expand(map_l.shape[0], -1, -1), map_l.flatten(2))
+                v = torch.baddbmm(bias.unsqueeze(-1), weight.expand(b, -1, -1), map_l.flatten(2))
             if mask_l is not None:
                 v = v * mask_l.to(v.dtype).unsqueeze(1)
-            levels.append(v.reshape(v.shape[0] * self.num_heads, self.head_dim, h, w))
+            levels.append(v.reshape(b * self.num_heads, self.head_dim, h, w))
         return levels
+
+    def _value_rows(self, cells: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """``value_proj`` of a channels-last level, cells [B, h, w, C] (contiguous) -> [B*M, D, h, w] with D the
+        innermost (stride 1) axis, which ``grid_sample`` reads faster than channels-first maps (each sample
+        takes D neighbouring values). A view at B = 1; at B > 1 one copy puts each head's map together."""
+        b, h, w, _ = cells.shape
+        v = F.linear(cells, self.value_proj.weight, self.value_proj.bias)                  # [B, h, w, M*D]
+        if mask is not None:
+            v = v * mask.to(v.dtype).view(b, h, w, 1)
+        v = v.view(b, h, w, self.num_heads, self.head_dim)
+        if b == 1:
+            return v.permute(0, 3, 4, 1, 2).reshape(self.num_heads, self.head_dim, h, w)
+        return v.permute(0, 3, 1, 2, 4).contiguous().view(b * self.num_heads, h, w, self.head_dim).permute(0, 3, 1, 2)
 
     def forward(self, query: Tensor, reference_points: Tensor, value: Tensor,
                 value_spatial_shapes: Sequence[Tuple[int, int]], value_mask: Optional[Tensor] = None) -> Tensor:

@@ -138,14 +138,15 @@ class DeployModel(nn.Module):
     scores [N, K]), K the postprocessor's num_top_queries.
 
     ``memory_format``: the layout the convolutions run in (``inference_memory_format(device)``: channels_last
-    on a CPU); the weights are converted here, the images in ``forward``. A traced graph (``export``) has no
-    layout: the graph is the same either way.
+    on a CPU); the weights are converted here (in place), the images in ``forward``. None (default): the model
+    and the images are left as they are. A traced graph (``export``) has no layout: the graph is the same
+    either way.
     """
 
     def __init__(self, model: nn.Module, postprocessor: nn.Module,
-                 memory_format: torch.memory_format = torch.contiguous_format):
+                 memory_format: Optional[torch.memory_format] = None):
         super().__init__()
-        self.model = to_memory_format(model, memory_format)
+        self.model = model if memory_format is None else to_memory_format(model, memory_format)
         self.postprocessor = postprocessor
         self.memory_format = memory_format
         for m in model.modules():  # the training-time routing statistics: nobody reads them here
@@ -153,7 +154,7 @@ class DeployModel(nn.Module):
                 m.record_statistics = False
 
     def forward(self, images: Tensor, orig_target_sizes: Tensor):
-        if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        if self.memory_format is not None and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
             images = images.contiguous(memory_format=self.memory_format)
         outputs = self.model(images)
         return self.postprocessor.forward_batched(outputs, orig_target_sizes)

@@ -290,7 +290,10 @@ class HybridEncoder(nn.Module):
         src = proj_feat.flatten(2).permute(0, 2, 1)  # [B, h*w, C]
         pos_embed = self.position_embedding(enc_i, h, w, src.device)
         memory = self.attend_tokens(enc_i, src, pos_embed, (h, w), src_key_padding_mask)
-        return memory.permute(0, 2, 1).reshape(b, c, h, w).contiguous()
+        # back in proj_feat's layout (channels_last in a CPU deployment, deploy.inference_memory_format)
+        channels_last = proj_feat.is_contiguous(memory_format=torch.channels_last) and not proj_feat.is_contiguous()
+        return memory.permute(0, 2, 1).reshape(b, c, h, w).contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def attend_tokens(self, enc_i: int, src: torch.Tensor, pos_embed: torch.Tensor, hw,
                       src_key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
