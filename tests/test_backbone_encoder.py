@@ -14,11 +14,9 @@ from src.zoo.rtdetr.hybrid_encoder import HybridEncoder, RepVggBlock, Transforme
 from src.zoo.rtdetr.position_embedding import sincos_position_embedding_2d
 from src.zoo.rtdetr.rtdetr import RTDETR
 
-# official RT-DETRv2-R18vd state-dict layout (key<TAB>shape); a repo-local copy wins over the shared one
-_TABLE_CANDIDATES = [Path(__file__).parent / "data" / "rtdetrv2_r18vd_state_dict.tsv",
-                     Path("/work/shared/reference/rtdetrv2_r18vd_state_dict.tsv")]
-TABLE = next((p for p in _TABLE_CANDIDATES if p.exists()), _TABLE_CANDIDATES[0])
-needs_table = pytest.mark.skipif(not TABLE.exists(), reason=f"state-dict table not found at {_TABLE_CANDIDATES}")
+# official RT-DETRv2-R18vd state-dict layout (key<TAB>shape), kept in the repository
+TABLE = Path(__file__).parent / "data" / "rtdetrv2_r18vd_state_dict.tsv"
+needs_table = pytest.mark.skipif(not TABLE.exists(), reason=f"state-dict table not found at {TABLE}")
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 

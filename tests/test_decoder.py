@@ -1,5 +1,6 @@
 """RT-DETRv2 decoder, deformable attention, contrastive denoising and postprocessor."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from src.zoo.rtdetr.denoising import denoising_attention_mask, get_contrastive_d
 from src.zoo.rtdetr.rtdetr_postprocessor import RTDETRPostProcessor
 from src.zoo.rtdetr.rtdetrv2_decoder import RTDETRTransformerv2, generate_anchors
 
-REFERENCE_TSV = "/work/shared/reference/rtdetrv2_r18vd_state_dict.tsv"
+REFERENCE_TSV = Path(__file__).parent / "data" / "rtdetrv2_r18vd_state_dict.tsv"  # the official R18vd layout
 
 
 def r18_decoder(**overrides):
