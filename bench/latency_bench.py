@@ -427,12 +427,12 @@ def run_bench(args) -> dict:
     argv = [portable_arg(a) for a in sys.argv[1:]]
     meta = {"date": datetime.date.today().isoformat(), "command": "python -m bench.latency_bench "
             + " ".join(argv), "commit": git_commit(REPO), "quick": args.quick, "machine": machine(),
+            "layouts": ("every CPU row channels_last (like for like)" if args.official_channels_last else
+                        "this repo's CPU rows channels_last (deploy.inference_memory_format), the official row "
+                        "as the official code deploys (contiguous)" if args.official else
+                        "CPU rows channels_last (deploy.inference_memory_format)"),
             "note": "random weights; FLOPs at batch 1 x batch; per-stage runs synchronise at stage "
-                    "boundaries; onnxruntime rows: MoE in gather dispatch; "
-                    + ("layouts: every CPU row channels_last (like for like)" if args.official_channels_last else
-                       "layouts: this repo's CPU rows channels_last (deploy.inference_memory_format), "
-                       "the official row as the official code deploys (contiguous)" if args.official else
-                       "layouts: CPU rows channels_last (deploy.inference_memory_format)")}
+                    "boundaries; onnxruntime rows: MoE in gather dispatch"}
     return {"meta": meta, "runs": [meta], "rows": rows}
 
 
@@ -517,7 +517,7 @@ def markdown_table(result: dict) -> str:
                  f"({m['machine'].get('cpu_count')} CPUs, {m['machine'].get('torch_threads')} torch threads)"
                  + (f", {m['machine']['gpu']}" if "gpu" in m["machine"] else "") + f", torch {m['machine']['torch']}")
         where += f", commit {m['commit'][:12]}" if m.get("commit") else ""
-        where += f" ({m['note'].split('; layouts: ')[1]})" if "; layouts: " in m.get("note", "") else ""
+        where += f" ({m['layouts']})" if m.get("layouts") else ""
         lines.append(f"- run {i}: {where}" if len(runs) > 1 else where)
     return "\n".join(lines) + "\n"
 

@@ -19,6 +19,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from src.nn.tracing import tracing_graph
+
 OFFICIAL_CONFIG = "configs/rtdetrv2/rtdetrv2_r18vd_120e_coco.yml"
 
 
@@ -54,7 +56,7 @@ class OfficialDeployModel(nn.Module):
         self.memory_format = memory_format
 
     def forward(self, images, orig_target_sizes):
-        if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        if not tracing_graph():
             images = images.contiguous(memory_format=self.memory_format)
         return self.postprocessor(self.model(images), orig_target_sizes)
 

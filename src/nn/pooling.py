@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from src.nn.tracing import tracing_graph
+
 
 def _every_other(x: torch.Tensor, dim: int, start: int) -> torch.Tensor:
     """The view of ``x`` at indices start, start + 2, ... along ``dim``."""
@@ -45,7 +47,7 @@ def stem_max_pool(x: torch.Tensor) -> torch.Tensor:
     needs_grad = torch.is_grad_enabled() and x.requires_grad
     own_path = (x.device.type == "cpu" and not needs_grad and x.dim() == 4 and x.is_floating_point()
                 and x.numel() > 0 and x.is_contiguous()  # channels-last: PyTorch's own kernel is the fast one
-                and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()))
+                and not (tracing_graph() or torch.jit.is_scripting()))
     if not own_path:
         return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
     return _max3_stride2(_max3_stride2(x, 3), 2)

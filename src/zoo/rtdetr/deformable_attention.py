@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn import init
 
 from src.misc.transfer import tensor_on
+from src.nn.tracing import tracing_graph
 
 CROSS_ATTN_METHODS = ("default", "discrete")
 
@@ -225,7 +226,7 @@ class MSDeformableAttention(nn.Module):
                                  f"value_spatial_shapes {list(value_spatial_shapes)}")
         masks = value_mask.split(sizes, dim=1) if value_mask is not None else [None] * len(maps)
         weight, bias = self.value_proj.weight, self.value_proj.bias                  # [M*D, C], [M*D]
-        graph = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        graph = tracing_graph()
         levels = []
         for (h, w), map_l, mask_l in zip(value_spatial_shapes, maps, masks):
             b = map_l.shape[0]

@@ -20,6 +20,7 @@ from src.core.config import YAMLConfig
 from src.data.classes import ClassList, match_classes
 from src.misc.checkpoint import extract_state_dict, load_checkpoint, load_matching_weights
 from src.nn.backbone.common import fold_conv_norm
+from src.nn.tracing import tracing_graph
 from src.zoo.rtdetr.hybrid_encoder import RepVggBlock
 from src.zoo.rtdetr.moe import MOE_DISPATCHES, MoEFFN
 from src.zoo.rtdetr.patch_level_pruning import PatchLevelPruner
@@ -154,7 +155,7 @@ class DeployModel(nn.Module):
                 m.record_statistics = False
 
     def forward(self, images: Tensor, orig_target_sizes: Tensor):
-        if self.memory_format is not None and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        if self.memory_format is not None and not tracing_graph():
             images = images.contiguous(memory_format=self.memory_format)
         outputs = self.model(images)
         return self.postprocessor.forward_batched(outputs, orig_target_sizes)

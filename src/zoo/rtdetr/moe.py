@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.nn.activation import get_activation
+from src.nn.tracing import tracing_graph
 
 _ACTIVATIONS = ("relu", "gelu", "silu")  # built with src.nn.activation.get_activation
 # how tokens reach their experts (same outputs within float rounding; dset.moe_dispatch):
@@ -190,7 +191,7 @@ class MoEFFN(nn.Module):
     def resolved_dispatch(self, device: torch.device) -> str:
         """``sorted``, ``dense`` or (graph export / tracing only) ``gather``: what ``dispatch`` means for
         inputs on ``device``."""
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        if tracing_graph():
             # the sorted form's group sizes would be frozen into the graph as constants
             return "dense" if self.dispatch == "dense" else "gather"
         if self.dispatch != "auto":
@@ -215,7 +216,7 @@ class MoEFFN(nn.Module):
         run = {"dense": self._dense, "sorted": self._sorted, "gather": self._gathered}[dispatch]
         out = run(flat, top_idx, top_weight)
         deployed = not self.training and not self.record_statistics  # training always needs its balance loss
-        if deployed or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        if deployed or tracing_graph():
             self.last_aux = None  # no balance statistics when deployed or in an exported graph
             return out.view_as(x)
         # assignments per expert by a scatter-add: static shape, on the device, no host read (one_hot and
